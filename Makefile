@@ -1,0 +1,73 @@
+# dsec-rl: the one documented way to set up, build, test, lint and benchmark.
+# Every target sets up what it needs from nothing (a venv in .venv, pinned by requirements.txt).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+# CPU-only defaults (PLATFORM.md §9); a GPU machine unsets TRITON_INTERPRET.
+export TRITON_INTERPRET ?= 1
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+RUST_SOURCES := $(shell find dsec/rust -name '*.rs' -o -name Cargo.toml 2>/dev/null) Cargo.toml
+CONFIG ?= configs/demo.toml
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## show this help
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+$(VENV)/.deps: requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	@touch $@
+
+$(VENV)/.build: $(VENV)/.deps $(RUST_SOURCES)
+	$(VENV)/bin/maturin develop --release -q
+	@touch $@
+
+.PHONY: setup
+setup: $(VENV)/.build ## create .venv, install pinned dependencies, build the Rust extension
+
+.PHONY: build
+build: $(VENV)/.build ## (re)build the Rust extension into .venv
+
+.PHONY: demo
+demo: setup ## set up and run the main job on its embedded default
+	$(PY) -m rollout run $(CONFIG)
+
+.PHONY: lint
+lint: $(VENV)/.deps ## ruff, rustfmt --check, clippy -D warnings
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --release -q -- -D warnings
+
+.PHONY: fmt
+fmt: $(VENV)/.deps ## format Python and Rust sources
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+	cargo fmt --all
+
+.PHONY: test
+test: setup lint ## set up, lint, then cargo test + pytest
+	cargo test --workspace --release -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+.PHONY: bench
+bench: setup ## run the benchmarks (tables printed, JSON under bench/results/)
+	$(PY) bench/sandbox.py
+	$(PY) bench/kv_memory.py
+	$(PY) bench/engine.py
+
+.PHONY: clean
+clean: ## remove build outputs (keeps .venv)
+	cargo clean
+	rm -f $(VENV)/.build

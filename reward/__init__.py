@@ -1,0 +1,1 @@
+"""Scoring of rollouts for RL updates (GRPO) and reward-evaluation helpers."""
