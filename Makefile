@@ -15,7 +15,6 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 RUST_SOURCES := $(shell find dsec/rust -name '*.rs' -o -name Cargo.toml 2>/dev/null) Cargo.toml
-CONFIG ?= configs/demo.toml
 
 .DEFAULT_GOAL := help
 
@@ -40,8 +39,8 @@ setup: $(VENV)/.build ## create .venv, install pinned dependencies, build the Ru
 build: $(VENV)/.build ## (re)build the Rust extension into .venv
 
 .PHONY: demo
-demo: setup ## set up and run the main job on its embedded default
-	$(PY) -m rollout run $(CONFIG)
+demo: setup ## set up and run the main job on its embedded default (sandbox demo until rollout lands)
+	$(PY) examples/sandbox_demo.py
 
 .PHONY: lint
 lint: $(VENV)/.deps ## ruff, rustfmt --check, clippy -D warnings
