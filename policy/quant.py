@@ -1,0 +1,388 @@
+"""FP8 (e4m3) and FP4 (e2m1) block quantisation with power-of-two (ue8m0) scales.
+
+Formats (V4_SPEC.md §3, §8, §9.1):
+
+- FP8 e4m3fn values (max 448) with one ue8m0 scale per ``block`` elements along the last dim:
+  the KV cache (block 64), activations (block 128) and weights (128×128 tiles).
+- FP4 e2m1 values (max 6), two per byte (low nibble = even element), with one ue8m0 scale per 32
+  elements: indexer keys/queries and routed-expert weights (MXFP4).
+- ue8m0 (``torch.float8_e8m0fnu``): one byte ``b``, value 2^(b − 127); byte 255 is NaN.
+
+Scale rule: ``scale = 2^ceil(log2(amax / qmax))`` per block (qmax 448 or 6), the smallest power of
+two with ``amax / scale <= qmax``, computed exactly (no float log rounding) and clamped to the
+e8m0 range [2^-127, 2^127]. An all-zero block gets the smallest scale 2^-127 and quantises to
+zeros. (The reference kernels clamp amax to at least 1e-4 instead; this only changes blocks whose
+amax is below 1e-4, which here keep their precision instead of flushing towards zero.)
+
+Special values:
+
+- ``±inf`` does not take part in the block's amax and saturates to ``±qmax · scale``; finite
+  values beyond ``qmax · scale`` cannot occur by construction, and with an explicit ``scale``
+  they saturate too (values are clamped before every cast, so results do not depend on the
+  device's cast behaviour).
+- ``NaN``: FP8 keeps NaN per element (e4m3fn has a NaN) and the block's other values are
+  quantised as if it were absent. FP4 has no NaN code, so a block holding a NaN gets the e8m0 NaN
+  scale (byte 255, the OCP MX convention) and its whole block dequantises to NaN.
+
+On CPU, fp8 tensors support casts, views and copies but no arithmetic, and
+``torch.float4_e2m1fn_x2`` supports no casts at all (PLATFORM.md §3): every computation here runs
+in fp32 and FP4 data is kept as uint8 nibbles decoded through a 16-entry table.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FP8_MAX = 448.0
+FP4_MAX = 6.0
+FP8_DTYPE = torch.float8_e4m3fn
+SCALE_DTYPE = torch.float8_e8m0fnu
+WEIGHT_BLOCK = 128
+FP4_BLOCK = 32
+
+E8M0_MIN_EXP = -127
+E8M0_MAX_EXP = 127
+E8M0_NAN_BYTE = 255
+
+# e2m1 code -> value (V4_SPEC.md §9.1): bits 0-2 magnitude, bit 3 sign.
+_E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+E2M1_VALUES = tuple(_E2M1_MAGNITUDES) + tuple(-v for v in _E2M1_MAGNITUDES)
+# Midpoints between consecutive magnitudes; a tie rounds to the even code (round half to even).
+_E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+
+
+# --------------------------------------------------------------------------------------------
+# ue8m0 scales
+# --------------------------------------------------------------------------------------------
+
+
+def e8m0_from_exponent(exp: torch.Tensor) -> torch.Tensor:
+    """Integer exponents e (any int dtype, clamped to [-127, 127]) -> e8m0 tensor 2^e."""
+    byte = (exp.to(torch.int32).clamp(E8M0_MIN_EXP, E8M0_MAX_EXP) + 127).to(torch.uint8)
+    return byte.view(SCALE_DTYPE)
+
+
+def e8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
+    """Decode scales to fp32 exactly: byte b -> 2^(b − 127), byte 255 -> NaN.
+
+    Accepts ``float8_e8m0fnu`` or ``uint8`` tensors (the raw bytes); any other floating tensor is
+    taken to hold the scale values already and is returned as fp32.
+    """
+    if scale.dtype == SCALE_DTYPE:
+        byte = scale.view(torch.uint8)
+    elif scale.dtype == torch.uint8:
+        byte = scale
+    elif scale.is_floating_point():
+        return scale.to(torch.float32)
+    else:
+        raise ValueError(f"scale dtype {scale.dtype} is not float8_e8m0fnu, uint8 or a float")
+    b = byte.to(torch.int32)
+    # Build the fp32 bit pattern directly: exponent field b, zero mantissa, so no libm is involved.
+    bits = b << 23
+    bits = torch.where(b == 0, torch.full_like(bits, 1 << 22), bits)  # 2^-127 is subnormal
+    bits = torch.where(b == E8M0_NAN_BYTE, torch.full_like(bits, 0x7FC00000), bits)
+    return bits.view(torch.float32)
+
+
+def _exp2_exact(exp: torch.Tensor) -> torch.Tensor:
+    """2^e as fp32 for integer e in [-127, 127], exactly."""
+    return e8m0_to_float(e8m0_from_exponent(exp))
+
+
+def _block_exponent(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    """Smallest integer e with amax <= qmax · 2^e, clamped to the e8m0 range. amax >= 0, finite.
+
+    Returns int32 exponents; amax == 0 gives the minimum exponent.
+    """
+    a = amax.to(torch.float64)
+    tiny = qmax * 2.0**E8M0_MIN_EXP
+    a = torch.clamp(a, min=tiny)
+    e = torch.ceil(torch.log2(a / qmax))
+    # log2 may be off by one ulp near powers of two: fix up against exact float64 products.
+    e = torch.where(a > qmax * torch.exp2(e), e + 1, e)
+    e = torch.where(a <= qmax * torch.exp2(e - 1), e - 1, e)
+    return e.clamp(E8M0_MIN_EXP, E8M0_MAX_EXP).to(torch.int32)
+
+
+def _finite_amax(xb: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Max |x| over ``dims`` ignoring NaN and ±inf (0 for a block with no finite value)."""
+    a = xb.abs()
+    a = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
+    return a.amax(dim=dims)
+
+
+def _check_float(x: torch.Tensor, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point() or x.dtype in (FP8_DTYPE, SCALE_DTYPE):
+        raise ValueError(f"{name} must be a float32/bfloat16/float16 tensor, got {x.dtype}")
+
+
+def _check_block(x: torch.Tensor, block: int, name: str = "x") -> None:
+    if not isinstance(block, int) or block <= 0:
+        raise ValueError(f"block must be a positive int, got {block!r}")
+    if x.dim() == 0:
+        raise ValueError(f"{name} must have at least one dimension, got a scalar")
+    if x.shape[-1] % block != 0:
+        raise ValueError(f"last dim of {name} ({x.shape[-1]}) is not divisible by block={block}")
+
+
+def _check_scale_shape(q_shape: torch.Size, d: int, scale: torch.Tensor, block: int) -> None:
+    want = (*q_shape[:-1], d // block)
+    if tuple(scale.shape) != want:
+        raise ValueError(f"scale shape {tuple(scale.shape)} does not match {want} (block={block})")
+
+
+# --------------------------------------------------------------------------------------------
+# FP8 e4m3, blocks along the last dim
+# --------------------------------------------------------------------------------------------
+
+
+def _to_fp8(y: torch.Tensor) -> torch.Tensor:
+    """fp32 values already divided by their scale -> e4m3fn, saturating at ±448 (NaN kept)."""
+    return y.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def quantize_fp8(
+    x: torch.Tensor, block: int, *, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise to FP8 e4m3 with one power-of-two scale per ``block`` elements of the last dim.
+
+    Args:
+        x: float tensor [..., D], D divisible by ``block``.
+        block: elements per scale (64 for the KV cache, 128 for activations).
+        scale: optional fixed scales [..., D // block] (e8m0 or float powers of two); values that
+            do not fit saturate to ±448 · scale. Default: the dynamic rule of the module doc.
+
+    Returns:
+        q: float8_e4m3fn [..., D]; scale: float8_e8m0fnu [..., D // block], x ≈ q · scale.
+    """
+    _check_float(x, "x")
+    _check_block(x, block)
+    d = x.shape[-1]
+    xb = x.to(torch.float32).reshape(*x.shape[:-1], d // block, block)
+    if scale is None:
+        exp = _block_exponent(_finite_amax(xb, (-1,)), FP8_MAX)
+        scale = e8m0_from_exponent(exp)
+        inv = _exp2_exact(-exp)
+    else:
+        _check_scale_shape(x.shape, d, scale, block)
+        inv = 1.0 / e8m0_to_float(scale)
+        scale = scale if scale.dtype == SCALE_DTYPE else _float_to_e8m0(scale)
+    q = _to_fp8(xb * inv.unsqueeze(-1)).reshape(x.shape)
+    return q, scale
+
+
+def _float_to_e8m0(s: torch.Tensor) -> torch.Tensor:
+    """Positive power-of-two float scales -> e8m0 (raises if a value is not a power of two)."""
+    s32 = s.to(torch.float32)
+    mant, exp = torch.frexp(s32)
+    if not bool(((mant == 0.5) | torch.isnan(s32)).all()):
+        raise ValueError("explicit scales must be positive powers of two (ue8m0)")
+    byte = torch.where(torch.isnan(s32), E8M0_NAN_BYTE, (exp - 1).clamp(-127, 127) + 127)
+    return byte.to(torch.uint8).view(SCALE_DTYPE)
+
+
+def dequantize_fp8(
+    q: torch.Tensor, scale: torch.Tensor, block: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """FP8 [..., D] with scales [..., D // block] -> ``dtype`` [..., D] (computed in fp32)."""
+    if q.dtype != FP8_DTYPE:
+        raise ValueError(f"q must be float8_e4m3fn, got {q.dtype}")
+    _check_block(q, block, "q")
+    d = q.shape[-1]
+    _check_scale_shape(q.shape, d, scale, block)
+    qb = q.to(torch.float32).reshape(*q.shape[:-1], d // block, block)
+    return (qb * e8m0_to_float(scale).unsqueeze(-1)).reshape(q.shape).to(dtype)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward returns ``fq`` (the quantised values); backward passes the gradient to x as is."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, fq: torch.Tensor) -> torch.Tensor:
+        return fq
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def fake_quant_fp8(x: torch.Tensor, block: int) -> torch.Tensor:
+    """dequantize_fp8(quantize_fp8(x)) in x's dtype [..., D]; straight-through gradient."""
+    with torch.no_grad():
+        q, s = quantize_fp8(x.detach(), block)
+        fq = dequantize_fp8(q, s, block, x.dtype)
+    return _StraightThrough.apply(x, fq) if x.requires_grad else fq
+
+
+# --------------------------------------------------------------------------------------------
+# FP4 e2m1 (MXFP4), packed two per byte
+# --------------------------------------------------------------------------------------------
+
+
+def _e2m1_codes(y: torch.Tensor) -> torch.Tensor:
+    """fp32 values already divided by their scale -> e2m1 codes (uint8 0..15), saturating at ±6.
+
+    Round to nearest, ties to the even code. NaN gives code 0 (the caller marks its block).
+    """
+    a = y.abs().nan_to_num(nan=0.0)  # inf stays inf and lands on the top code
+    mag = torch.zeros(y.shape, dtype=torch.uint8, device=y.device)
+    for i, m in enumerate(_E2M1_MIDPOINTS):
+        # midpoint i lies between codes i and i+1: the tie goes up only when i+1 is even.
+        up = (a >= m) if i % 2 == 1 else (a > m)
+        mag += up.to(torch.uint8)
+    sign = (torch.signbit(y) & ~torch.isnan(y)).to(torch.uint8) << 3
+    return mag | sign
+
+
+def _e2m1_lut(device: torch.device) -> torch.Tensor:
+    return torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
+
+
+def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
+    """e2m1 codes uint8 [..., D] (D even) -> packed uint8 [..., D // 2], low nibble = even."""
+    if codes.shape[-1] % 2 != 0:
+        raise ValueError(f"last dim ({codes.shape[-1]}) must be even to pack FP4 pairs")
+    c = codes.to(torch.uint8)
+    return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
+    """Packed uint8 (or int8) [..., D // 2] -> e2m1 codes uint8 [..., D]."""
+    if packed.dtype not in (torch.uint8, torch.int8, torch.float4_e2m1fn_x2):
+        raise ValueError(f"packed FP4 must be uint8, int8 or float4_e2m1fn_x2, got {packed.dtype}")
+    p = packed.view(torch.uint8)
+    return torch.stack((p & 0xF, p >> 4), dim=-1).reshape(*p.shape[:-1], p.shape[-1] * 2)
+
+
+def quantize_fp4(x: torch.Tensor, block: int = FP4_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise to FP4 e2m1 with one power-of-two scale per ``block`` elements of the last dim.
+
+    Args:
+        x: float tensor [..., D], D divisible by ``block`` (and even).
+        block: elements per scale (32 for MXFP4).
+
+    Returns:
+        packed: uint8 [..., D // 2] (element 2k in the low nibble of byte k, 2k+1 in the high);
+        scale: float8_e8m0fnu [..., D // block] (NaN for a block that holds a NaN).
+    """
+    _check_float(x, "x")
+    _check_block(x, block)
+    if block % 2 != 0:
+        raise ValueError(f"FP4 block must be even to pack pairs, got block={block}")
+    d = x.shape[-1]
+    xb = x.to(torch.float32).reshape(*x.shape[:-1], d // block, block)
+    exp = _block_exponent(_finite_amax(xb, (-1,)), FP4_MAX)
+    scale = e8m0_from_exponent(exp)
+    has_nan = torch.isnan(xb).any(dim=-1)
+    if bool(has_nan.any()):
+        byte = torch.where(has_nan, E8M0_NAN_BYTE, scale.view(torch.uint8).to(torch.int32))
+        scale = byte.to(torch.uint8).view(SCALE_DTYPE)
+    codes = _e2m1_codes(xb * _exp2_exact(-exp).unsqueeze(-1)).reshape(x.shape)
+    return pack_fp4(codes), scale
+
+
+def dequantize_fp4(
+    packed: torch.Tensor, scale: torch.Tensor, block: int = FP4_BLOCK, dtype=torch.float32
+) -> torch.Tensor:
+    """Packed FP4 uint8/int8 [..., D // 2] with scales [..., D // block] -> ``dtype`` [..., D]."""
+    codes = unpack_fp4(packed)
+    _check_block(codes, block, "unpacked FP4")
+    d = codes.shape[-1]
+    _check_scale_shape(codes.shape, d, scale, block)
+    vals = _e2m1_lut(codes.device)[codes.long()]
+    vb = vals.reshape(*codes.shape[:-1], d // block, block) * e8m0_to_float(scale).unsqueeze(-1)
+    return vb.reshape(codes.shape).to(dtype)
+
+
+def fake_quant_fp4(x: torch.Tensor, block: int = FP4_BLOCK) -> torch.Tensor:
+    """dequantize_fp4(quantize_fp4(x)) in x's dtype [..., D]; straight-through gradient."""
+    with torch.no_grad():
+        p, s = quantize_fp4(x.detach(), block)
+        fq = dequantize_fp4(p, s, block, x.dtype)
+    return _StraightThrough.apply(x, fq) if x.requires_grad else fq
+
+
+# --------------------------------------------------------------------------------------------
+# Weights in the official checkpoint formats (V4_SPEC.md §9.1)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_matrix(w: torch.Tensor, name: str) -> None:
+    if w.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D [out, in] matrix, got shape {tuple(w.shape)}")
+
+
+def quantize_fp8_weight(
+    w: torch.Tensor, block: int = WEIGHT_BLOCK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 weight with one ue8m0 scale per ``block``×``block`` tile (edge tiles may be partial).
+
+    Args:
+        w: float [out, in].
+    Returns:
+        w_fp8: float8_e4m3fn [out, in]; scale: float8_e8m0fnu [ceil(out/block), ceil(in/block)].
+    """
+    _check_float(w, "w")
+    _check_matrix(w, "w")
+    out_f, in_f = w.shape
+    po, pi = math.ceil(out_f / block), math.ceil(in_f / block)
+    wp = torch.zeros(po * block, pi * block, dtype=torch.float32, device=w.device)
+    wp[:out_f, :in_f] = w.to(torch.float32)
+    tiles = wp.reshape(po, block, pi, block)
+    exp = _block_exponent(_finite_amax(tiles, (1, 3)), FP8_MAX)
+    inv = _exp2_exact(-exp)[:, None, :, None]
+    q = _to_fp8(tiles * inv).reshape(po * block, pi * block)[:out_f, :in_f].contiguous()
+    return q, e8m0_from_exponent(exp)
+
+
+def dequantize_fp8_weight(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    dtype: torch.dtype = torch.bfloat16,
+    block: int = WEIGHT_BLOCK,
+) -> torch.Tensor:
+    """FP8 [out, in] with tile scales [ceil(out/block), ceil(in/block)] -> ``dtype`` [out, in]."""
+    if w.dtype != FP8_DTYPE:
+        raise ValueError(f"FP8 weight must be float8_e4m3fn, got {w.dtype}")
+    _check_matrix(w, "w")
+    out_f, in_f = w.shape
+    want = (math.ceil(out_f / block), math.ceil(in_f / block))
+    if tuple(scale.shape) != want:
+        raise ValueError(
+            f"FP8 weight scale shape {tuple(scale.shape)} does not match {want} for weight "
+            f"{tuple(w.shape)} with {block}x{block} blocks"
+        )
+    s = e8m0_to_float(scale)
+    s = s.repeat_interleave(block, 0)[:out_f].repeat_interleave(block, 1)[:, :in_f]
+    return (w.to(torch.float32) * s).to(dtype)
+
+
+def quantize_fp4_weight(
+    w: torch.Tensor, block: int = FP4_BLOCK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4 weight as stored in the official checkpoint.
+
+    Args:
+        w: float [out, in], in divisible by ``block``.
+    Returns:
+        packed: int8 [out, in/2] (two e2m1 codes per byte, low nibble = even column);
+        scale: float8_e8m0fnu [out, in/block].
+    """
+    _check_matrix(w, "w")
+    packed, scale = quantize_fp4(w, block)
+    return packed.view(torch.int8), scale
+
+
+def dequantize_fp4_weight(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    dtype: torch.dtype = torch.bfloat16,
+    block: int = FP4_BLOCK,
+) -> torch.Tensor:
+    """Packed FP4 int8/uint8 [out, in/2] with scales [out, in/block] -> ``dtype`` [out, in]."""
+    _check_matrix(w, "w")
+    return dequantize_fp4(w, scale, block, dtype)
