@@ -1,0 +1,161 @@
+"""V4 attention: one shared-KV head (MQA) over a sliding window plus, per layer kind, compressed
+entries (CSA: top-k chosen by the lightning indexer; HCA: all causal ones), with an attention
+sink, partial interleaved RoPE (inverse RoPE on the output) and a grouped output projection.
+
+Letters: B batch, S tokens, H heads, c head dim, W window, N compressed entries, m ratio,
+g output groups, d_g per-group rank.
+
+Two callers share the same projections and the same kernel (``sparse_attention``):
+- full sequence from position 0 (training, prefill): keys = [S raw kv | N compressed];
+- one decode token per row at per-row positions: keys = [W ring slots | chosen compressed].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from policy.compressor import Compressor, quantize_kv
+from policy.config import V4Config
+from policy.indexer import Indexer, index_scores, topk_indices
+from policy.kernels import sparse_attention
+from policy.layers import Linear, RMSNorm, unit_rms
+from policy.rope import apply_rope, rope_inv_freq
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: V4Config, layer_id: int):
+        super().__init__()
+        self.cfg, self.layer_id = cfg, layer_id
+        self.kind = cfg.layer_kind(layer_id)
+        self.ratio = cfg.compress_ratios[layer_id]
+        h, c, d = cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size
+        self.n_heads, self.head_dim, self.window = h, c, cfg.sliding_window
+        self.groups, self.o_rank = cfg.o_groups, cfg.o_lora_rank
+        self.softmax_scale = c**-0.5
+        self.wq_a = Linear(d, cfg.q_lora_rank)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+        self.wq_b = Linear(cfg.q_lora_rank, h * c)
+        self.wkv = Linear(d, c)
+        self.kv_norm = RMSNorm(c, cfg.rms_norm_eps)
+        # official 2-D weight [g * d_g, h * c / g], used as [g, d_g, h * c / g]
+        self.wo_a = Linear(h * c // self.groups, self.groups * self.o_rank)
+        self.wo_b = Linear(self.groups * self.o_rank, d)
+        self.attn_sink = nn.Parameter(torch.zeros(h, dtype=torch.float32))
+        if self.kind != "swa":
+            self.compressor = Compressor(cfg, self.ratio, c)
+        if self.kind == "csa":
+            self.indexer = Indexer(cfg, self.ratio)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg, self.kind != "swa"), persistent=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        pos: torch.Tensor,
+        cache=None,
+        fill_lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [B, S, d], pos [B, S] -> [B, S, d].
+
+        cache None: full causal sequence from position 0. cache with ``fill_lengths`` [B]: the
+        same, then the cache takes each row's first fill_lengths[b] tokens (prefill). cache alone:
+        one decode token per row (S == 1) at pos[:, 0], read from and written to the cache.
+        """
+        cfg, s = self.cfg, x.shape[1]
+        qr = self.q_norm(self.wq_a(x))  # [B, S, d_c]
+        q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))  # [B, S, H, c]
+        q = apply_rope(unit_rms(q, cfg.rms_norm_eps), pos, self.inv_freq)
+        kv = apply_rope(self.kv_norm(self.wkv(x)), pos, self.inv_freq)  # [B, S, c]
+        kv = quantize_kv(kv, cfg)
+        if cache is None or fill_lengths is not None:
+            keys, allowed = self._full_keys(x, qr, kv, pos, cache, fill_lengths)
+        else:
+            assert s == 1, "decode takes one token per row"
+            keys, allowed = self._decode_keys(x, qr, kv, pos, cache)
+        o = sparse_attention(q, keys, allowed, self.attn_sink, self.softmax_scale)
+        o = apply_rope(o, pos, self.inv_freq, inverse=True)  # [B, S, H, c]
+        o = o.flatten(2).unflatten(-1, (self.groups, -1))  # [B, S, g, H*c/g]
+        wo_a = self.wo_a.weight.view(self.groups, self.o_rank, -1)  # [g, d_g, H*c/g]
+        o = torch.einsum("bsgi,goi->bsgo", o, wo_a)
+        return self.wo_b(o.flatten(2))
+
+    # ------------------------------------------------------------------ full sequence
+    def _full_keys(self, x, qr, kv, pos, cache, fill_lengths):
+        """keys [B, S + N, c], allowed [B, S, S + N]."""
+        b, s, _ = x.shape
+        t = torch.arange(s, device=x.device)
+        win = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - self.window)  # [S, S]
+        keys, allowed = [kv], [win.expand(b, s, s)]
+        parts: dict[str, torch.Tensor] = {}
+        if self.kind != "swa":
+            comp, parts["ckv"], parts["csc"] = self.compressor(x, self.inv_freq)  # [B, N, c]
+            parts["comp"] = comp
+            n = comp.shape[1]
+            vis = (torch.arange(1, n + 1, device=x.device) * self.ratio)[None] <= t[:, None] + 1
+            vis = vis.expand(b, s, n)  # [B, S, N]: (i + 1) * m <= t + 1
+            if self.kind == "csa":
+                ik, parts["ikv"], parts["isc"] = self.indexer.compressor(x, self.inv_freq)
+                parts["ik"] = ik  # [B, N, c_I]
+                iq, iw = self.indexer.queries(qr, x, pos, self.inv_freq)
+                idx = topk_indices(index_scores(iq, iw, ik), vis, self.cfg.index_topk)
+                sel = torch.zeros(b, s, n + 1, dtype=torch.bool, device=x.device)
+                vis = sel.scatter_(-1, idx.masked_fill(idx < 0, n), True)[..., :n]
+            keys.append(comp)
+            allowed.append(vis)
+        if cache is not None:
+            self._fill(cache, kv, fill_lengths, parts)
+        return torch.cat(keys, dim=1), torch.cat(allowed, dim=-1)
+
+    @torch.no_grad()
+    def _fill(self, cache, kv, lengths, ctx: dict[str, torch.Tensor]) -> None:
+        """Write each row's window, compressed entries and compressor state after prefill."""
+        w, m = self.window, self.ratio
+        for r, n_tok in enumerate(lengths.tolist()):
+            row = torch.tensor([r], device=kv.device)
+            tpos = torch.arange(max(0, n_tok - w), n_tok, device=kv.device)
+            cache.window.write(row.expand(len(tpos)), tpos % w, kv[r, tpos])
+            if self.kind == "swa":
+                continue
+            n = n_tok // m
+            slots = torch.arange(n, device=kv.device)
+            cache.comp.write(row.expand(n), slots, ctx["comp"][r, :n])
+            ks, ss = self.compressor.state_from_prefill(ctx["ckv"][r], ctx["csc"][r], n_tok)
+            cache.kv_state[r], cache.sc_state[r] = ks, ss
+            if self.kind == "csa":
+                cache.index.write(row.expand(n), slots, ctx["ik"][r, :n])
+                ks, ss = self.indexer.compressor.state_from_prefill(
+                    ctx["ikv"][r], ctx["isc"][r], n_tok
+                )
+                cache.ikv_state[r], cache.isc_state[r] = ks, ss
+
+    # ------------------------------------------------------------------ decode
+    def _decode_keys(self, x, qr, kv, pos, cache):
+        """keys [B, W + K, c], allowed [B, 1, W + K] for one token per row."""
+        p = pos[:, 0]  # [B]
+        b, w, m = x.shape[0], self.window, self.ratio
+        rows = torch.arange(b, device=x.device)
+        cache.window.write(rows, p % w, kv[:, 0])
+        ring = cache.window.read(w)  # [B, W, c]
+        slot = torch.arange(w, device=x.device)
+        held = p[:, None] - (p[:, None] - slot) % w  # position held by each slot
+        keys, allowed = [ring], [held >= 0]
+        if self.kind != "swa":
+            entry, emit = self.compressor.step(x, p, cache.kv_state, cache.sc_state, self.inv_freq)
+            cache.comp.write(rows[emit], (p // m)[emit], entry[emit])
+            nvis = (p + 1) // m  # [B] visible compressed entries
+            n = int(nvis.max())
+            vis = torch.arange(n, device=x.device)[None] < nvis[:, None]  # [B, N]
+            if self.kind == "csa":
+                ientry, _ = self.indexer.compressor.step(
+                    x, p, cache.ikv_state, cache.isc_state, self.inv_freq
+                )
+                cache.index.write(rows[emit], (p // m)[emit], ientry[emit])
+                iq, iw = self.indexer.queries(qr, x, pos, self.inv_freq)
+                scores = index_scores(iq, iw, cache.index.read(n))  # [B, 1, N]
+                idx = topk_indices(scores, vis[:, None], self.cfg.index_topk)[:, 0]  # [B, K]
+                keys.append(cache.comp.gather(idx.clamp(min=0)))
+                allowed.append(idx >= 0)
+            else:
+                keys.append(cache.comp.read(n))
+                allowed.append(vis)
+        return torch.cat(keys, dim=1), torch.cat(allowed, dim=-1)[:, None]

@@ -1,0 +1,192 @@
+"""Token-level KV compressor of CSA (overlapping, m=4) and HCA (m'=128) layers, and of the
+lightning indexer's keys.
+
+Letters: B batch, S tokens, N = S // m compressed entries, m ratio, c head dim, C = coff*c the
+projection width (coff = 2 with overlap, else 1), d model width.
+
+Entry i gathers the gated, per-channel softmax-weighted sum of its slots: with overlap, slots
+0..m-1 are the first halves of the previous block's tokens and slots m..2m-1 the second halves of
+block i's own tokens; without overlap, the m tokens of block i. Then norm -> RoPE at position m*i
+-> quantisation (FP8 nope dims for the main KV; Hadamard + FP4 for indexer keys).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from policy.config import V4Config
+from policy.layers import Linear, RMSNorm
+from policy.quant import fake_quant_fp4, fake_quant_fp8
+from policy.rope import apply_rope
+
+
+@functools.cache
+def _hadamard_cpu(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h / n**0.5
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """Normalised Walsh-Hadamard rotation of the last dim (power of two), in fp32."""
+    return x.float() @ _hadamard_cpu(x.shape[-1]).to(x.device)
+
+
+def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round x to ``dtype`` and back (straight-through gradient)."""
+    if dtype == x.dtype or (dtype == torch.float32 and x.dtype == torch.float64):
+        return x
+    return x + (x.detach().to(dtype).to(x.dtype) - x.detach())
+
+
+def quantize_kv(kv: torch.Tensor, cfg: V4Config) -> torch.Tensor:
+    """Fake-quantise kv [..., c] exactly as the cache stores it (straight-through gradient).
+
+    fp8: nope dims FP8 e4m3 with ue8m0 scales per ``kv_quant_block``, RoPE dims BF16;
+    bfloat16 / float32: every dim rounded to that dtype.
+    """
+    if cfg.kv_dtype != "fp8":
+        return round_to(kv, getattr(torch, cfg.kv_dtype))
+    nope = cfg.nope_head_dim
+    rope = round_to(kv[..., nope:], torch.bfloat16)
+    return torch.cat((fake_quant_fp8(kv[..., :nope], cfg.kv_quant_block), rope), -1)
+
+
+def quantize_index(x: torch.Tensor, cfg: V4Config) -> torch.Tensor:
+    """Indexer q/k: Hadamard rotation, then FP4 (MXFP4) fake-quantisation when kv_dtype='fp8',
+    else rounding to kv_dtype. x [..., c] -> fp32 [..., c]."""
+    x = hadamard(x)
+    if cfg.kv_dtype == "fp8":
+        return fake_quant_fp4(x, cfg.index_quant_block)
+    return round_to(x, getattr(torch, cfg.kv_dtype))
+
+
+class Compressor(nn.Module):
+    """Compress every m tokens into one c-dim entry (see module docstring)."""
+
+    def __init__(self, cfg: V4Config, ratio: int, head_dim: int, for_indexer: bool = False):
+        super().__init__()
+        self.cfg, self.ratio, self.head_dim = cfg, ratio, head_dim
+        self.overlap = ratio == cfg.csa_ratio
+        self.for_indexer = for_indexer
+        coff = 2 if self.overlap else 1
+        self.wkv = Linear(cfg.hidden_size, coff * head_dim)
+        self.wgate = Linear(cfg.hidden_size, coff * head_dim)
+        self.ape = nn.Parameter(torch.zeros(ratio, coff * head_dim, dtype=torch.float32))
+        self.norm = RMSNorm(head_dim, cfg.rms_norm_eps)
+
+    @property
+    def slots(self) -> int:
+        """Slots of one entry: 2m with overlap, m without."""
+        return 2 * self.ratio if self.overlap else self.ratio
+
+    def project(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, S, d], pos [B, S] -> kv [B, S, C], score [B, S, C] (fp32, ape[pos % m] added)."""
+        xf = x.float()
+        kv = F.linear(xf, self.wkv.weight.float())
+        score = F.linear(xf, self.wgate.weight.float()) + self.ape[pos % self.ratio]
+        return kv, score
+
+    def pool(self, kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        """Slot tensors [..., 2m|m, C] (prev-block slots first) -> gated entries [..., c] fp32.
+
+        With overlap the previous-block slots take the first c channels and the current-block
+        slots the last c; the softmax runs over slots, separately for each channel.
+        """
+        c, m = self.head_dim, self.ratio
+        if self.overlap:
+            kv = torch.cat((kv[..., :m, :c], kv[..., m:, c:]), dim=-2)
+            score = torch.cat((score[..., :m, :c], score[..., m:, c:]), dim=-2)
+        return (kv * score.softmax(dim=-2)).sum(dim=-2)
+
+    def finish(
+        self, entry: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor
+    ) -> torch.Tensor:
+        """Norm -> RoPE at ``pos`` (block's first token) -> quantisation. entry [B, N, c] fp32."""
+        entry = self.norm(entry.to(self.wkv.weight.dtype))
+        entry = apply_rope(entry, pos, inv_freq)
+        if self.for_indexer:
+            return quantize_index(entry, self.cfg)
+        return quantize_kv(entry, self.cfg)
+
+    def forward(
+        self, x: torch.Tensor, inv_freq: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Full sequence from position 0: x [B, S, d] -> (entries [B, S//m, c], kv, score).
+
+        kv / score [B, S, C] are the per-token projections (the decode state is built from them).
+        Trailing tokens that do not fill a block produce no entry.
+        """
+        b, s, _ = x.shape
+        m = self.ratio
+        pos = torch.arange(s, device=x.device).expand(b, s)
+        kv, score = self.project(x, pos)
+        n = s // m
+        if n == 0:
+            return kv.new_zeros(b, 0, self.head_dim), kv, score
+        kvb = kv[:, : n * m].unflatten(1, (n, m))  # [B, N, m, C]
+        scb = score[:, : n * m].unflatten(1, (n, m))
+        if self.overlap:
+            # slots 0..m-1 <- previous block (0 / -inf for block 0); m..2m-1 <- own block
+            kvb = torch.cat((F.pad(kvb[:, :-1], (0, 0, 0, 0, 1, 0)), kvb), dim=2)
+            prev = F.pad(scb[:, :-1], (0, 0, 0, 0, 1, 0), value=float("-inf"))
+            scb = torch.cat((prev, scb), dim=2)
+        entries = self.pool(kvb, scb)  # [B, N, c]
+        epos = (torch.arange(n, device=x.device) * m).expand(b, n)
+        return self.finish(entries, epos, inv_freq), kv, score
+
+    def state_from_prefill(
+        self, kv: torch.Tensor, score: torch.Tensor, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode state of one sequence after ``length`` tokens. kv/score [S, C] -> [2m|m, C] x2.
+
+        With overlap, slots 0..m-1 hold the last complete block (or 0 / -inf), m.. the tail.
+        """
+        m, slots = self.ratio, self.slots
+        kv_state = kv.new_zeros(slots, kv.shape[-1])
+        sc_state = score.new_full((slots, score.shape[-1]), float("-inf"))
+        rem = length % m
+        cut = length - rem
+        off = m if self.overlap else 0
+        kv_state[off : off + rem] = kv[cut:length]
+        sc_state[off : off + rem] = score[cut:length]
+        if self.overlap and cut >= m:
+            kv_state[:m] = kv[cut - m : cut]
+            sc_state[:m] = score[cut - m : cut]
+        return kv_state, sc_state
+
+    def step(
+        self,
+        x: torch.Tensor,
+        pos: torch.Tensor,
+        kv_state: torch.Tensor,
+        sc_state: torch.Tensor,
+        inv_freq: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode token per row; updates the states in place.
+
+        Args:
+            x: [B, 1, d]; pos: [B] position of this token.
+            kv_state / sc_state: [B, 2m|m, C] fp32.
+        Returns:
+            entry [B, c] (valid where emit), emit [B] bool: rows whose block completed.
+        """
+        m = self.ratio
+        kv, score = self.project(x, pos[:, None])  # [B, 1, C]
+        rows = torch.arange(x.shape[0], device=x.device)
+        slot = pos % m + (m if self.overlap else 0)
+        kv_state[rows, slot] = kv[:, 0]
+        sc_state[rows, slot] = score[:, 0]
+        emit = (pos + 1) % m == 0
+        entry = self.pool(kv_state, sc_state)[:, None]  # [B, 1, c]
+        entry = self.finish(entry, (pos + 1 - m)[:, None], inv_freq)[:, 0]
+        if self.overlap:
+            shift = emit[:, None, None]
+            kv_state[:, :m] = torch.where(shift, kv_state[:, m:], kv_state[:, :m])
+            sc_state[:, :m] = torch.where(shift, sc_state[:, m:], sc_state[:, :m])
+        return entry, emit

@@ -1,0 +1,37 @@
+"""Attention kernel shared by the full forward and the cached decode.
+
+Letters: B batch, S queries, H heads, N keys, c head dim.
+The naive reference that builds the full attention matrix from the visibility rules lives in
+``policy.kernels.reference``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sparse_attention(
+    q: torch.Tensor, kv: torch.Tensor, allowed: torch.Tensor, sink: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Shared-KV (MQA) attention over an allowed key set, with a per-head sink.
+
+    The sink logit enters the softmax denominator only: o = sum_n e^(l_n) kv_n / (sum_n e^(l_n)
+    + e^(sink)), so the weights may sum to less than one. Math in fp32.
+
+    Args:
+        q: [B, S, H, c] queries.
+        kv: [B, N, c] keys, which are also the values.
+        allowed: [B, S, N] bool, which keys each query sees.
+        sink: [H] sink logits.
+        scale: softmax scale (c ** -0.5).
+    Returns:
+        o: [B, S, H, c] in q's dtype.
+    """
+    kvf = kv.float()
+    logits = torch.einsum("bshc,bnc->bshn", q.float(), kvf) * scale
+    logits = logits.masked_fill(~allowed[:, :, None, :], float("-inf"))
+    mx = torch.maximum(logits.amax(dim=-1), sink.float())  # [B, S, H]
+    p = torch.exp(logits - mx[..., None])
+    denom = p.sum(dim=-1) + torch.exp(sink.float() - mx)
+    o = torch.einsum("bshn,bnc->bshc", p, kvf) / denom[..., None]
+    return o.to(q.dtype)

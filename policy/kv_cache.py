@@ -1,0 +1,130 @@
+"""The V4 KV cache: per layer a sliding-window ring, compressed entries (CSA / HCA), indexer keys
+(CSA) and the compressor tail state, in the per-entry byte layout of V4_SPEC.md §8.
+
+Letters: B batch rows, W window, n entries, c head dim, E bytes per entry.
+
+Entry formats (kv_dtype="fp8"), one uint8 row of E bytes per entry:
+- main KV (window and compressed): [nope FP8 e4m3 | RoPE dims BF16 | one ue8m0 scale per
+  ``kv_quant_block`` nope dims | pad], E = 584 at official dims (448 + 128 + 7 + 1);
+- indexer key: [MXFP4 packed, two per byte | one ue8m0 scale per 32 dims], 68 B at c = 128.
+With kv_dtype "bfloat16" / "float32" an entry is c values of that dtype (no quantisation).
+The compressor tail state stays fp32, as in the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from policy.config import V4Config
+from policy.kv_layout import KVLayout
+
+
+class EntryStore:
+    """Entries [B, n, c] in a cache format of ``KVLayout``; reads return fp32 [..., c].
+
+    kind "main" (window / compressed KV) or "index" (indexer keys). Quantised formats are uint8
+    rows [B, n, E] packed by ``KVLayout``; unquantised ones are [B, n, c] in kv_dtype.
+    """
+
+    def __init__(self, layout: KVLayout, kind: str, batch: int, n: int, device):
+        self.layout, self.kind = layout, kind
+        quantised = (
+            layout.kv_dtype == "fp8"
+            if kind == "main"
+            else layout.index_dtype
+            in (
+                "fp4",
+                "fp8",
+            )
+        )
+        self.quantised = quantised
+        if quantised:
+            e = layout.main_entry_bytes if kind == "main" else layout.index_entry_bytes
+            self.data = torch.zeros(batch, n, e, dtype=torch.uint8, device=device)
+        else:
+            dim = layout.head_dim if kind == "main" else layout.index_dims
+            dtype = layout.kv_dtype if kind == "main" else layout.index_dtype
+            self.data = torch.zeros(batch, n, dim, dtype=getattr(torch, dtype), device=device)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., c] -> stored rows [..., E] (or [..., c] in a plain dtype)."""
+        if not self.quantised:
+            return x.to(self.data.dtype)
+        pack = self.layout.pack_main if self.kind == "main" else self.layout.pack_index
+        return pack(x.float())
+
+    def decode(self, row: torch.Tensor) -> torch.Tensor:
+        """Stored rows [..., E] -> fp32 [..., c]."""
+        if not self.quantised:
+            return row.float()
+        unpack = self.layout.unpack_main if self.kind == "main" else self.layout.unpack_index
+        return unpack(row)
+
+    def write(self, rows: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+        """data[rows[i], slots[i]] = encode(x[i]). rows, slots [M] int, x [M, c]."""
+        if rows.numel():
+            self.data[rows, slots] = self.encode(x)
+
+    def read(self, n: int) -> torch.Tensor:
+        """The first n entries of every row, fp32 [B, n, c]."""
+        return self.decode(self.data[:, :n])
+
+    def gather(self, idx: torch.Tensor) -> torch.Tensor:
+        """Entries idx [B, K] (>= 0) of each row, fp32 [B, K, c]."""
+        rows = torch.arange(idx.shape[0], device=idx.device)[:, None]
+        return self.decode(self.data[rows, idx])
+
+
+class LayerCache:
+    """State of one attention layer for B rows and up to ``capacity`` tokens."""
+
+    def __init__(self, cfg: V4Config, layer_id: int, batch: int, capacity: int, device):
+        lay = KVLayout.from_config(cfg)
+        kind = cfg.layer_kind(layer_id)
+        c = cfg.head_dim
+        self.window = EntryStore(lay, "main", batch, cfg.sliding_window, device)
+        self.comp = self.index = None
+        self.states: list[torch.Tensor] = []
+        if kind != "swa":
+            m = cfg.compress_ratios[layer_id]
+            n = capacity // m
+            self.comp = EntryStore(lay, "main", batch, n, device)
+            slots, width = (2 * m, 2 * c) if kind == "csa" else (m, c)
+            self.kv_state = torch.zeros(batch, slots, width, device=device)
+            self.sc_state = torch.full((batch, slots, width), float("-inf"), device=device)
+            self.states += [self.kv_state, self.sc_state]
+            if kind == "csa":
+                ic = cfg.index_head_dim
+                self.index = EntryStore(lay, "index", batch, n, device)
+                self.ikv_state = torch.zeros(batch, slots, 2 * ic, device=device)
+                self.isc_state = torch.full((batch, slots, 2 * ic), float("-inf"), device=device)
+                self.states += [self.ikv_state, self.isc_state]
+
+    def tensors(self) -> list[torch.Tensor]:
+        stores = [s for s in (self.window, self.comp, self.index) if s is not None]
+        return [s.data for s in stores] + self.states
+
+
+class KVCache:
+    """Cache of every attention layer of a model (main blocks; MTP is not cached).
+
+    ``pos [B]`` is the number of tokens each row holds (its next position).
+    """
+
+    def __init__(self, cfg: V4Config, batch: int, capacity: int, device="cpu"):
+        if capacity <= 0 or batch <= 0:
+            raise ValueError(f"batch and capacity must be > 0, got {batch}, {capacity}")
+        self.cfg, self.batch, self.capacity = cfg, batch, capacity
+        self.layers = [
+            LayerCache(cfg, i, batch, capacity, device) for i in range(cfg.num_hidden_layers)
+        ]
+        self.pos = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor the cache holds (entries, scales, tail states)."""
+        return sum(t.numel() * t.element_size() for la in self.layers for t in la.tensors())
+
+    def entry_nbytes(self) -> int:
+        """Bytes of the window rings, compressed entries and indexer keys (no tail states)."""
+        stores = [s for la in self.layers for s in (la.window, la.comp, la.index) if s is not None]
+        return sum(s.data.numel() * s.data.element_size() for s in stores)

@@ -1,0 +1,48 @@
+"""Manifold-constrained hyper-connections (mHC): pre-mix, post-mix and Sinkhorn combination.
+
+Letters: B batch, S sequence, n hc_mult streams, d model width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def hc_mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
+    """Unweighted-RMS-normalised mix logits: x [B, S, n, d], fn [M, n*d] -> [B, S, M] fp32."""
+    xf = x.flatten(2).float()  # [B, S, n*d]
+    rsqrt = torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm_eps)
+    return F.linear(xf, fn.float()) * rsqrt
+
+
+def sinkhorn_split(
+    mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n: int, iters: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split mixes [B, S, (2+n)*n] into pre [B,S,n], post [B,S,n] and comb [B,S,n,n] (fp32).
+
+    comb: softmax over rows + eps, one column normalisation, then ``iters - 1`` times (row,
+    column): ``iters`` column normalisations in all, ending on a column one (reference order).
+    """
+    pre = torch.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + eps
+    post = 2 * torch.sigmoid(mixes[..., n : 2 * n] * scale[1] + base[n : 2 * n])
+    comb = mixes[..., 2 * n :].unflatten(-1, (n, n)) * scale[2] + base[2 * n :].view(n, n)
+    comb = comb.softmax(-1) + eps
+    comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    return pre, post, comb
+
+
+def hc_pre(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """Collapse streams: y = sum_j pre_j X_j. x [B,S,n,d], pre [B,S,n] -> [B,S,d] (x.dtype)."""
+    return (pre.unsqueeze(-1) * x.float()).sum(dim=2).to(x.dtype)
+
+
+def hc_post(
+    f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor
+) -> torch.Tensor:
+    """X'[k] = post_k F + sum_j comb[j, k] X[j].  f [B,S,d], x [B,S,n,d] -> [B,S,n,d]."""
+    mixed = torch.einsum("bsjk,bsjd->bskd", comb, x.float())
+    return (post.unsqueeze(-1) * f.float().unsqueeze(-2) + mixed).to(x.dtype)
