@@ -146,3 +146,31 @@ def test_bad_inputs() -> None:
     lay = KVLayout.from_config(spec_config("flash", kv_dtype="bfloat16"))
     with pytest.raises(ValueError, match="kv_dtype 'fp8' only, not 'bfloat16'"):
         lay.pack_main(torch.zeros(1, 512))
+
+
+# ------------------------------------------------------------------ with V4Config and the real cache
+
+
+@pytest.mark.parametrize(("preset", "ratio"), [("flash", 0.073), ("pro", 0.105)])
+def test_presets_match_spec_config_and_published_ratio(preset: str, ratio: float) -> None:
+    from policy.config import V4Config
+
+    cfg = V4Config.from_preset(preset)
+    assert KVLayout.from_config(cfg) == KVLayout.from_config(spec_config(preset))
+    assert kv_cache_bytes(cfg, M) / mla_v32_bytes(M) == pytest.approx(ratio, abs=0.0005)
+    assert KVLayout.from_config(cfg).amortised_bytes_per_token() == pytest.approx(
+        {"flash": 3514.25, "pro": 5031.4375}[preset], abs=1e-9
+    )
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp8", "bfloat16", "float32"])
+@pytest.mark.parametrize(("context", "batch"), [(1, 1), (100, 2), (1000, 1), (1029, 3)])
+def test_demo_cache_allocates_what_the_formula_says(kv_dtype: str, context: int, batch: int):
+    from policy.config import V4Config
+    from policy.kv_cache import KVCache
+
+    cfg = V4Config.from_preset("demo", kv_dtype=kv_dtype)
+    cache = KVCache(cfg, batch, context)
+    assert cache.nbytes() == kv_cache_bytes(cfg, context, batch)
+    parts = KVLayout.from_config(cfg).breakdown(context, batch)
+    assert cache.entry_nbytes() == parts["total"] - parts["state"]
