@@ -215,11 +215,37 @@ def _first(text: str, pos: int, stops: Sequence[str]) -> tuple[int, str | None]:
     return best, which
 
 
+class _Finder:
+    """``str.find`` for a few fixed stop strings with a cursor that only moves forward: each
+    stop's next occurrence is remembered, so scanning a whole block costs O(len(text)) per stop
+    string however many parameters it has."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.next: dict[str, int] = {}
+
+    def find(self, stop: str, pos: int) -> int:
+        at = self.next.get(stop)
+        if at is None or (at != -1 and at < pos):
+            at = self.text.find(stop, pos)
+            self.next[stop] = at
+        return at
+
+    def first(self, pos: int, stops: Sequence[str]) -> tuple[int, str | None]:
+        best, which = len(self.text), None
+        for stop in stops:
+            at = self.find(stop, pos)
+            if at != -1 and at < best:
+                best, which = at, stop
+        return best, which
+
+
 class _BlockParser:
     """Parses the tool-call block that starts at ``pos`` (just after ``BLOCK_START``)."""
 
     def __init__(self, text: str, pos: int, errors: list[str]) -> None:
         self.text, self.pos, self.errors = text, pos, errors
+        self.finder = _Finder(text)
         self.calls: list[tuple[int, dict[str, Any]]] = []  # (position in the block from 1, call)
         self.closed = False
 
@@ -231,7 +257,7 @@ class _BlockParser:
     def run(self) -> int:
         n = 0
         while True:
-            at, stop = _first(self.text, self.pos, (INVOKE_OPEN, BLOCK_CLOSE))
+            at, stop = self.finder.first(self.pos, (INVOKE_OPEN, BLOCK_CLOSE))
             if stop is None:
                 self.errors.append("unterminated tool_calls block")
                 return len(self.text)
@@ -247,7 +273,7 @@ class _BlockParser:
     def invoke(self, n: int) -> bool:
         """Parse one invoke; False when the text ends inside it."""
         text = self.text
-        at, stop = _first(text, self.pos, (PARAM_OPEN, INVOKE_CLOSE))
+        at, stop = self.finder.first(self.pos, (PARAM_OPEN, INVOKE_CLOSE))
         if stop is None:
             self.errors.append(f"tool call {n}: unterminated invoke")
             return False
@@ -265,11 +291,11 @@ class _BlockParser:
         self.pos = at + len(stop)
         params: dict[str, tuple[str, bool]] = {}
         while stop == PARAM_OPEN:
-            end = text.find(PARAM_STOP, self.pos)
+            end = self.finder.find(PARAM_STOP, self.pos)
             if end == -1:
                 self.errors.append(f"tool call {n}: unterminated parameter")
                 return False
-            pm = _PARAM_RE.fullmatch(text, self.pos, end)
+            pm = _PARAM_RE.fullmatch(text, self.pos, end) if text[end - 1] == "<" else None
             if pm is None:
                 self.errors.append(
                     f"tool call {n}: malformed parameter {_short(text[self.pos : end])}"
@@ -288,7 +314,7 @@ class _BlockParser:
                     ok = False
                 params.setdefault(key, (value, is_str))
             self.pos = end + len(PARAM_STOP)
-            at, stop = _first(text, self.pos, (PARAM_OPEN, INVOKE_CLOSE))
+            at, stop = self.finder.first(self.pos, (PARAM_OPEN, INVOKE_CLOSE))
             if stop is None:
                 self.errors.append(f"tool call {n}: unterminated invoke")
                 return False

@@ -51,9 +51,7 @@ _TURN = {
     ),
 }
 _NOT_STOP = f"(?:(?!/{D}parameter).)*"
-_PARAM = (
-    f'<{D}parameter name="({_NOT_STOP}?)" string="(true|false)">({_NOT_STOP})</{D}parameter>\n'
-)
+_PARAM = f'<{D}parameter name="({_NOT_STOP}?)" string="(true|false)">({_NOT_STOP})</{D}parameter>\n'
 _INVOKE = re.compile(f'<{D}invoke\\s*name="([^"<>\n]+)">\n\n?((?:{_PARAM})*)</{D}invoke>\n', re.S)
 
 
@@ -314,3 +312,11 @@ def test_ten_thousand_mutations():
         seed, mode = _SEEDS[n % len(_SEEDS)]
         valid += check_against_oracle(_mutate(rng, seed), mode)
     assert 0 < valid < 10_000  # both sides of the oracle were exercised
+
+
+def test_many_invokes_and_parameters():
+    args = {f"k{i}": i for i in range(2_000)}
+    calls = [call(f"f{j}", args) for j in range(20)]
+    msg = parse_assistant(completion(calls))
+    assert msg["errors"] == []
+    assert [json.loads(c["function"]["arguments"]) for c in msg["tool_calls"]] == [args] * 20
