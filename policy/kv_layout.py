@@ -55,9 +55,18 @@ V32_MLA_ENTRY_BYTES = 656  # 512 FP8 nope + 16 B fp32 scales + 64 BF16 RoPE dims
 V32_INDEX_ENTRY_BYTES = 132  # 128 FP8 + one fp32 scale
 
 
-def mla_v32_bytes(context_len: int, batch: int = 1, layers: int = V32_LAYERS) -> int:
-    """V3.2-style MLA cache: layers · T · (656 + 132) bytes (FP8 latent + FP8 indexer key)."""
-    return layers * context_len * (V32_MLA_ENTRY_BYTES + V32_INDEX_ENTRY_BYTES) * batch
+def mla_v32_bytes(
+    context_len: int,
+    batch: int = 1,
+    layers: int = V32_LAYERS,
+    entry_bytes: int = V32_MLA_ENTRY_BYTES,
+    index_bytes: int = V32_INDEX_ENTRY_BYTES,
+) -> int:
+    """V3.2-style MLA cache: layers · T · (656 + 132) bytes (FP8 latent + FP8 indexer key).
+
+    All-BF16 accounting (vLLM's): entry_bytes=1152 (576 dims), index_bytes=256.
+    """
+    return layers * context_len * (entry_bytes + index_bytes) * batch
 
 
 def gqa_bf16_bytes(
