@@ -358,8 +358,9 @@ def parse_assistant(
     ``text`` is the completion after the generation prompt (after ``<｜Assistant｜><think>`` in
     thinking mode, ``<｜Assistant｜></think>`` in chat mode), including the final EOS if the model
     emitted it. After a task prompt (``<｜action｜>`` and friends) the answer has no reasoning
-    part: parse it with ``thinking_mode="chat"``. Returns ``{"role": "assistant", "content", "reasoning_content", "tool_calls":
-    [{"type": "function", "function": {"name", "arguments"}}], "errors": [str, ...]}``;
+    part: parse it with ``thinking_mode="chat"``. Returns ``{"role": "assistant", "content",
+    "reasoning_content", "tool_calls": [{"type": "function", "function": {"name",
+    "arguments"}}], "errors": [str, ...]}``;
     ``arguments`` is a JSON object string (string values re-quoted, other values verbatim).
 
     On well-formed output the message equals the official parser's. It never raises on model

@@ -19,7 +19,8 @@ TOOL = {"type": "function", "function": FN}
 
 
 def tool_call(cid: str, tz: str) -> dict:
-    return {"id": cid, "type": "function", "function": {"name": "get_time", "arguments": json.dumps({"tz": tz})}}  # fmt: skip
+    fn = {"name": "get_time", "arguments": json.dumps({"tz": tz})}
+    return {"id": cid, "type": "function", "function": fn}
 
 
 def test_tools_argument_attaches_to_system_message():
