@@ -386,3 +386,23 @@ def dequantize_fp4_weight(
     """Packed FP4 int8/uint8 [out, in/2] with scales [out, in/block] -> ``dtype`` [out, in]."""
     _check_matrix(w, "w")
     return dequantize_fp4(w, scale, block, dtype)
+
+
+def fp4_to_fp8_weight(
+    w: torch.Tensor, scale: torch.Tensor, block: int = WEIGHT_BLOCK
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Re-express an MXFP4 weight as an FP8 weight with ``block``×``block`` tile scales.
+
+    The FP4-QAT forward path (V4_SPEC.md §12.1): e2m1 values carry at most two significant bits,
+    so each tile is exact in e4m3 while the 1×32 scales inside it span a small enough range
+    (about 2^14 with e4m3 subnormals); ``lossless`` says whether that held for this weight.
+
+    Args:
+        w: packed FP4 int8/uint8 [out, in/2]; scale: e8m0 [out, in/32].
+    Returns:
+        (w_fp8 [out, in], scale e8m0 [⌈out/block⌉, ⌈in/block⌉], lossless).
+    """
+    exact = dequantize_fp4_weight(w, scale, torch.float32)
+    q, s = quantize_fp8_weight(exact, block)
+    lossless = bool(torch.equal(dequantize_fp8_weight(q, s, torch.float32, block), exact))
+    return q, s, lossless

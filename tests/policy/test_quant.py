@@ -271,3 +271,19 @@ def test_bad_inputs_name_the_value() -> None:
         dequantize_fp8_weight(wq, ws[:1])
     with pytest.raises(ValueError, match=r"40.*block=32"):
         quantize_fp4_weight(torch.randn(4, 40))
+
+
+def test_fp4_to_fp8_weight_is_lossless_for_small_scale_spread() -> None:
+    from policy.quant import fp4_to_fp8_weight
+
+    torch.manual_seed(5)
+    w = torch.randn(256, 256) * torch.exp(torch.randn(256, 1))  # rows of varied magnitude
+    p, s = quantize_fp4_weight(w)
+    q, s8, lossless = fp4_to_fp8_weight(p, s)
+    assert lossless and q.dtype == FP8_DTYPE and s8.shape == (2, 2)
+    assert torch.equal(dequantize_fp8_weight(q, s8, torch.float32), dequantize_fp4_weight(p, s))
+    # One strip 2^20 larger than a neighbour in the same tile: its small values underflow FP8.
+    w2 = torch.randn(128, 64)
+    w2[0, :32] *= 2.0**20
+    _, _, lossless = fp4_to_fp8_weight(*quantize_fp4_weight(w2))
+    assert not lossless
