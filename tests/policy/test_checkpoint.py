@@ -113,6 +113,16 @@ def test_load_official_reproduces_logits(official) -> None:
     assert torch.equal(dst(_ids(cfg)), src(_ids(cfg)))
 
 
+def test_load_official_into_a_bfloat16_model(tmp_path) -> None:
+    cfg = V4Config.from_preset("tiny", dtype="bfloat16")
+    src = round_to_official(_model(8, cfg))
+    save_official(src, tmp_path)
+    dst = _model(9, cfg)
+    assert load_official(dst, tmp_path, progress=False).ok
+    assert dst.embed.weight.dtype == torch.bfloat16
+    assert torch.equal(dst(_ids(cfg)), src(_ids(cfg)))
+
+
 def test_load_official_from_dict_file_prefix_and_scale_inv(official, tmp_path) -> None:
     src, d = official
     tensors = _all_tensors(d)
