@@ -183,12 +183,13 @@ def test_bad_keys_and_shapes_are_named(official) -> None:
 
 
 def test_load_official_bad_arguments(tmp_path) -> None:
+    model = _model(0)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_official(_model(0), tmp_path / "nope", progress=False)
+        load_official(model, tmp_path / "nope", progress=False)
     with pytest.raises(FileNotFoundError, match="no model"):
-        load_official(_model(0), tmp_path, progress=False)
+        load_official(model, tmp_path, progress=False)
     with pytest.raises(ValueError, match="got int"):
-        load_official(_model(0), 3, progress=False)
+        load_official(model, 3, progress=False)
     with torch.device("meta"):
         meta = V4Model(V4Config.from_preset("tiny"))
     with pytest.raises(ValueError, match="meta device"):
