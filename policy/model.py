@@ -189,6 +189,11 @@ class V4Model(nn.Module):
         Returns logits [B, V] at each row's last prompt token; cache.pos becomes lengths.
         """
         b, s = input_ids.shape
+        if int(lengths.min()) < 1 or int(lengths.max()) > min(s, cache.capacity):
+            raise ValueError(
+                f"prefill lengths {lengths.tolist()} must be in [1, min(S={s}, cache capacity="
+                f"{cache.capacity})]"
+            )
         pos = torch.arange(s, device=input_ids.device).expand(b, s)
         x = self._streams(input_ids, pos, cache, lengths)
         last = x[torch.arange(b, device=x.device), lengths - 1][:, None]  # [B, 1, n, d]
@@ -198,6 +203,10 @@ class V4Model(nn.Module):
     @torch.no_grad()
     def decode(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One token per row, input_ids [B] at positions cache.pos -> logits [B, V]."""
+        if int(cache.pos.max()) >= cache.capacity:
+            raise ValueError(
+                f"cache capacity {cache.capacity} reached (positions {cache.pos.tolist()})"
+            )
         pos = cache.pos[:, None].clone()
         x = self._streams(input_ids[:, None], pos, cache)
         cache.pos += 1
