@@ -48,6 +48,7 @@ from policy.dsml import (
 )
 
 __all__ = [
+    "assistant_segments",
     "encode",
     "encode_segments",
     "encode_tool_results",
