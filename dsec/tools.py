@@ -27,7 +27,8 @@ characters, keeping the head and the tail.
 ``read_file`` takes ``offset`` (first line, counted from 1, default 1) and ``limit`` (number of
 lines, default ``read_limit_lines``); lines are returned verbatim, followed by a note
 ``[lines A-B of N; ...]`` when the file has more lines than were shown. A file containing NUL
-bytes is reported as binary and not shown. ``write_file`` writes UTF-8 text, replacing the file.
+bytes is reported as binary and not shown. ``write_file`` writes UTF-8 text, replacing the file
+and creating missing parent directories (``mkdir -p`` in the sandbox).
 
 This module uses only the public ``dsec`` API and the standard library plus ``jsonschema``.
 """
@@ -37,6 +38,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import posixpath
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -298,7 +300,11 @@ class ToolBox:
             lines.append(text.removesuffix("\n"))
             if cut or capped:
                 truncated = True
-                why = "by the sandbox output limit" if cut else "to fit the result"
+                why = (
+                    "by the sandbox output limit; only its head and tail were kept"
+                    if cut
+                    else "to fit the result"
+                )
                 lines.append(f"[{label} truncated {why}]")
         if not res.stdout and not res.stderr:
             lines.append("(no output)")
@@ -346,6 +352,13 @@ class ToolBox:
 
     def _write_file(self, args: dict) -> ToolResult:
         data = args["content"].encode("utf-8")
+        parent = posixpath.dirname(args["path"])
+        if parent not in ("", "/", "."):
+            made = self.sandbox.exec(["mkdir", "-p", "--", parent], timeout=self.default_timeout)
+            if made.exit_code != 0:
+                err = bytes(made.stderr).decode("utf-8", errors="replace").strip()
+                msg = f"path {args['path']!r}: cannot create its directory: {err}"
+                return _error("write_file", "path_error", msg, args)
         self.sandbox.write_file(args["path"], data)
         text = f"wrote {len(data)} bytes to {args['path']}"
         return ToolResult("write_file", text, ok=True, arguments=args)
