@@ -326,10 +326,16 @@ def _assistant(
 
 
 def _render(
-    b: SegmentBuilder, msgs: list[dict[str, Any]], i: int, thinking_mode: str, drop: bool
+    b: SegmentBuilder,
+    msgs: list[dict[str, Any]],
+    i: int,
+    thinking_mode: str,
+    drop: bool,
+    last_user: int,
 ) -> None:
+    """Append message ``i`` and, where due, the transition after it (generation prompt or task
+    token). ``last_user`` is the index of the last user/developer message of ``msgs``."""
     msg, role = msgs[i], msgs[i]["role"]
-    last_user = _last_user_index(msgs)
     if role == "system":
         b.content(msg.get("content") or "")
         _tools_and_format(b, msg)
@@ -387,10 +393,11 @@ def encode_segments(
     b = SegmentBuilder()
     if add_bos:
         b.template(BOS)
+    last_user = _last_user_index(msgs)
     for i in range(len(msgs)):
         if i == 0 and thinking_mode == "thinking" and reasoning_effort == "max":
             b.template(REASONING_EFFORT_MAX)
-        _render(b, msgs, i, thinking_mode, drop)
+        _render(b, msgs, i, thinking_mode, drop, last_user)
     return b.segments
 
 

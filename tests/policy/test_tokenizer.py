@@ -4,6 +4,7 @@ the ``tokenizers`` library and saved as a real ``tokenizer.json``."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -160,3 +161,18 @@ def test_official_rejects_missing_special_tokens(tmp_path):
         OfficialTokenizer.from_file(path)
     with pytest.raises(FileNotFoundError):
         OfficialTokenizer.from_file(tmp_path / "missing.json")
+
+
+def test_sampled_ids_decode_and_parse(tokenizer):
+    """Ids of an assistant completion (as a model would sample them) decode to text that
+    parses back to the message."""
+    reply = copy.deepcopy(MESSAGES[2])
+    ids = tokenizer.encode_segments(chat.assistant_segments(reply))
+    assert ids[-1] == tokenizer.eos_id
+    msg = chat.parse_assistant(tokenizer.decode(ids))
+    assert msg["errors"] == []
+    assert msg["reasoning_content"] == reply["reasoning_content"]
+    assert msg["tool_calls"][0]["function"] == {
+        "name": "echo",
+        "arguments": json.dumps({"text": f"{USER}x"}, ensure_ascii=False),
+    }
