@@ -1,0 +1,255 @@
+//! Host-side cgroup management: one cgroup per sandbox, created under the caller's own cgroup.
+//! cgroup v1 (memory + pids hierarchies, as on hosts with a hybrid layout) is used when its
+//! controllers are mounted; otherwise a cgroup v2 hierarchy where the caller's cgroup can
+//! delegate memory and pids. Detected once at runtime, never assumed.
+
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+/// Which cgroup interface a host offers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// v1: the caller's cgroup directories in the memory and pids hierarchies.
+    V1 { memory: PathBuf, pids: PathBuf },
+    /// v2: the caller's cgroup directory (controllers enabled in its subtree_control).
+    V2 { base: PathBuf },
+}
+
+/// Result of detection: the layout, or why none is usable.
+pub type Detected = std::result::Result<Layout, String>;
+
+struct Mount {
+    root: String,
+    point: String,
+    fstype: String,
+    opts: String,
+}
+
+fn mounts() -> Vec<Mount> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let f: Vec<&str> = left.split(' ').collect();
+            let r: Vec<&str> = right.split(' ').collect();
+            Some(Mount {
+                root: f.get(3)?.to_string(),
+                point: f.get(4)?.to_string(),
+                fstype: r.first()?.to_string(),
+                opts: r.get(2).unwrap_or(&"").to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Parses /proc/self/cgroup into (controllers, path) pairs.
+pub fn parse_proc_cgroup(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut it = l.splitn(3, ':');
+            let _id = it.next()?;
+            Some((it.next()?.to_string(), it.next()?.to_string()))
+        })
+        .collect()
+}
+
+fn join(m: &Mount, path: &str) -> PathBuf {
+    let rel = path
+        .strip_prefix(m.root.as_str())
+        .unwrap_or(path)
+        .trim_start_matches('/');
+    Path::new(&m.point).join(rel)
+}
+
+/// Detects the layout (uncached).
+pub fn detect_uncached() -> Detected {
+    let ms = mounts();
+    let own = parse_proc_cgroup(&std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default());
+    let v1 = |ctl: &str| -> Option<PathBuf> {
+        let m = ms
+            .iter()
+            .find(|m| m.fstype == "cgroup" && m.opts.split(',').any(|o| o == ctl))?;
+        let (_, p) = own.iter().find(|(c, _)| c.split(',').any(|x| x == ctl))?;
+        Some(join(m, p))
+    };
+    if let (Some(memory), Some(pids)) = (v1("memory"), v1("pids")) {
+        if memory.join("cgroup.procs").exists() && pids.join("cgroup.procs").exists() {
+            return Ok(Layout::V1 { memory, pids });
+        }
+    }
+    let Some(m2) = ms.iter().find(|m| m.fstype == "cgroup2") else {
+        return Err("no cgroup v1 memory+pids controllers and no cgroup2 mount".into());
+    };
+    let Some((_, p)) = own.iter().find(|(c, _)| c.is_empty()) else {
+        return Err("cgroup2 is mounted but this process has no cgroup2 path".into());
+    };
+    let base = join(m2, p);
+    let ctl = std::fs::read_to_string(base.join("cgroup.subtree_control")).unwrap_or_default();
+    let has = |c: &str| ctl.split_whitespace().any(|x| x == c);
+    if has("memory") && has("pids") {
+        return Ok(Layout::V2 { base });
+    }
+    let _ = std::fs::write(base.join("cgroup.subtree_control"), "+memory +pids");
+    let ctl = std::fs::read_to_string(base.join("cgroup.subtree_control")).unwrap_or_default();
+    if ctl.split_whitespace().any(|x| x == "memory") && ctl.split_whitespace().any(|x| x == "pids")
+    {
+        return Ok(Layout::V2 { base });
+    }
+    Err(format!(
+        "cgroup2 at {} does not delegate memory and pids (enable them in its cgroup.subtree_control, \
+         e.g. run under a systemd unit with Delegate=yes)",
+        base.display()
+    ))
+}
+
+/// Detects the layout once per process.
+pub fn detect() -> &'static Detected {
+    static D: OnceLock<Detected> = OnceLock::new();
+    D.get_or_init(detect_uncached)
+}
+
+/// The cgroup(s) of one sandbox.
+#[derive(Debug)]
+pub struct SandboxCgroup {
+    layout: Layout,
+    /// (directory, parent) per hierarchy.
+    pub dirs: Vec<(PathBuf, PathBuf)>,
+}
+
+fn write(dir: &Path, file: &str, val: &str) -> Result<()> {
+    std::fs::write(dir.join(file), val)
+        .map_err(|e| Error::Setup(format!("write {}: {e}", dir.join(file).display())))
+}
+
+fn read(dir: &Path, file: &str) -> Option<String> {
+    std::fs::read_to_string(dir.join(file)).ok()
+}
+
+fn field(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
+}
+
+impl SandboxCgroup {
+    /// Creates the cgroup(s) with the memory and pids limits.
+    pub fn create(memory_bytes: u64, max_pids: u64) -> Result<Self> {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let layout = detect().clone().map_err(Error::Setup)?;
+        let name = format!(
+            "dsec-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let parents: Vec<PathBuf> = match &layout {
+            Layout::V1 { memory, pids } => vec![memory.clone(), pids.clone()],
+            Layout::V2 { base } => vec![base.clone()],
+        };
+        let mut cg = SandboxCgroup {
+            layout,
+            dirs: Vec::new(),
+        };
+        for p in parents {
+            let d = p.join(&name);
+            std::fs::create_dir(&d)
+                .map_err(|e| Error::Setup(format!("mkdir {}: {e}", d.display())))?;
+            cg.dirs.push((d, p));
+        }
+        let mem = memory_bytes.to_string();
+        let pids = max_pids.to_string();
+        match &cg.layout {
+            Layout::V1 { .. } => {
+                write(&cg.dirs[0].0, "memory.limit_in_bytes", &mem)?;
+                if cg.dirs[0].0.join("memory.memsw.limit_in_bytes").exists() {
+                    write(&cg.dirs[0].0, "memory.memsw.limit_in_bytes", &mem)?;
+                }
+                write(&cg.dirs[1].0, "pids.max", &pids)?;
+            }
+            Layout::V2 { .. } => {
+                write(&cg.dirs[0].0, "memory.max", &mem)?;
+                write(&cg.dirs[0].0, "memory.swap.max", "0").ok();
+                write(&cg.dirs[0].0, "pids.max", &pids)?;
+            }
+        }
+        Ok(cg)
+    }
+
+    fn memdir(&self) -> &Path {
+        &self.dirs[0].0
+    }
+
+    /// The OOM-kill counter of the sandbox.
+    pub fn oom_kills(&self) -> u64 {
+        match self.layout {
+            Layout::V1 { .. } => {
+                read(self.memdir(), "memory.oom_control").and_then(|t| field(&t, "oom_kill "))
+            }
+            Layout::V2 { .. } => {
+                read(self.memdir(), "memory.events").and_then(|t| field(&t, "oom_kill "))
+            }
+        }
+        .unwrap_or(0)
+    }
+
+    /// Resets the peak-memory watermark (best effort).
+    pub fn reset_peak(&self) {
+        let f = match self.layout {
+            Layout::V1 { .. } => "memory.max_usage_in_bytes",
+            Layout::V2 { .. } => "memory.peak",
+        };
+        let _ = std::fs::write(self.memdir().join(f), "0");
+    }
+
+    /// Peak memory since the last reset, bytes.
+    pub fn peak(&self) -> u64 {
+        let f = match self.layout {
+            Layout::V1 { .. } => "memory.max_usage_in_bytes",
+            Layout::V2 { .. } => "memory.peak",
+        };
+        read(self.memdir(), f)
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Removes the directories (retrying while the kernel finishes tearing tasks down).
+    pub fn remove(&self) {
+        for (d, _) in &self.dirs {
+            for _ in 0..100 {
+                match std::fs::remove_dir(d) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        std::thread::sleep(std::time::Duration::from_millis(2))
+                    }
+                    _ => break,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_cgroup() {
+        let v = parse_proc_cgroup("4:memory:/a/b\n8:pids:/\n0::/x\n");
+        assert_eq!(v[0], ("memory".into(), "/a/b".into()));
+        assert_eq!(v[2], (String::new(), "/x".into()));
+    }
+
+    #[test]
+    fn joins_paths_relative_to_the_mount_root() {
+        let m = Mount {
+            root: "/a".into(),
+            point: "/sys/fs/cgroup/memory".into(),
+            fstype: "cgroup".into(),
+            opts: String::new(),
+        };
+        assert_eq!(join(&m, "/a/b"), PathBuf::from("/sys/fs/cgroup/memory/b"));
+        assert_eq!(
+            field("oom_kill_disable 0\nunder_oom 0\noom_kill 3\n", "oom_kill "),
+            Some(3)
+        );
+    }
+}

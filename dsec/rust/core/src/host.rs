@@ -1,0 +1,405 @@
+//! The host side of a sandbox: spawns the init (from a sealed memfd or an executable path),
+//! creates the cgroup, speaks the control protocol, and tears everything down on close.
+
+use crate::cgroup::SandboxCgroup;
+use crate::init::outer_config;
+use crate::policy::{check_env, check_timeout, Policy};
+use crate::wire::{self, tag, Dec, Enc};
+use crate::{Error, Result};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+/// Where the init binary comes from.
+pub enum InitImage {
+    /// The binary's bytes, written once per process into a sealed memfd and executed from it.
+    Bytes(&'static [u8]),
+    /// An executable path plus environment (tests run their own binary as the init).
+    Exe(String, Vec<(String, String)>),
+}
+
+fn memfd_path(bytes: &'static [u8]) -> Result<String> {
+    static FD: OnceLock<std::result::Result<RawFd, String>> = OnceLock::new();
+    let fd = FD.get_or_init(|| {
+        let err = |w: &str| format!("{w}: {}", std::io::Error::last_os_error());
+        // SAFETY: creating and filling a memfd we own.
+        unsafe {
+            let fd = libc::memfd_create(
+                c"dsec-init".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            );
+            if fd < 0 {
+                return Err(err("memfd_create"));
+            }
+            crate::sys::write_all_fd(fd, bytes).map_err(|e| format!("write memfd: {e}"))?;
+            let seals =
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
+            if libc::fcntl(fd, libc::F_ADD_SEALS, seals) != 0 {
+                return Err(err("seal memfd"));
+            }
+            // execve refuses files open for writing: keep a read-only descriptor only.
+            let path = format!("/proc/self/fd/{fd}\0");
+            let ro = libc::open(path.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC);
+            if ro < 0 {
+                return Err(err("reopen memfd"));
+            }
+            libc::close(fd);
+            Ok(ro)
+        }
+    });
+    fd.clone()
+        .map(|fd| format!("/proc/self/fd/{fd}"))
+        .map_err(Error::Setup)
+}
+
+/// One exec request.
+#[derive(Clone, Debug, Default)]
+pub struct ExecRequest {
+    pub argv: Vec<Vec<u8>>,
+    pub env: Vec<(Vec<u8>, Vec<u8>)>,
+    pub cwd: Option<Vec<u8>>,
+    pub stdin: Option<Vec<u8>>,
+    pub timeout: Option<f64>,
+}
+
+/// The result of an exec or run_python call.
+#[derive(Clone, Debug, Default)]
+pub struct ExecOutput {
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub timed_out: bool,
+    pub oom_killed: bool,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+    pub stdout_total: u64,
+    pub stderr_total: u64,
+    pub wall_time: f64,
+    pub cpu_time: f64,
+    pub peak_memory: u64,
+}
+
+struct Inner {
+    sock: Option<UnixStream>,
+    child: Option<Child>,
+    cg: Option<SandboxCgroup>,
+}
+
+/// A live sandbox. Calls on one sandbox serialise; different sandboxes run in parallel.
+pub struct Sandbox {
+    inner: Mutex<Inner>,
+    policy: Policy,
+    pid: u32,
+}
+
+impl Sandbox {
+    /// Creates a sandbox: cgroup, init process, namespaces, root. Blocks until it is ready.
+    pub fn new(policy: Policy, image: &InitImage) -> Result<Self> {
+        policy.validate()?;
+        let (prog, env) = match image {
+            InitImage::Bytes(b) => (memfd_path(b)?, Vec::new()),
+            InitImage::Exe(p, env) => (p.clone(), env.clone()),
+        };
+        let cg = SandboxCgroup::create(policy.memory_bytes, policy.max_pids)?;
+        let fail = |cg: &SandboxCgroup, e: Error| {
+            cg.remove();
+            e
+        };
+        let (mut sock, theirs) = match UnixStream::pair() {
+            Ok(p) => p,
+            Err(e) => return Err(fail(&cg, Error::Setup(format!("socketpair: {e}")))),
+        };
+        let mut cmd = Command::new(&prog);
+        cmd.env_clear()
+            .envs(env)
+            .stdin(Stdio::from(OwnedFd::from(theirs)));
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => return Err(fail(&cg, Error::Setup(format!("spawn init: {e}")))),
+        };
+        let abort = |child: &mut Child, cg: &SandboxCgroup, e: Error| {
+            let _ = child.kill();
+            let _ = child.wait();
+            cg.remove();
+            e
+        };
+        let cfg = outer_config(&policy, &cg.dirs);
+        let _ = sock.set_read_timeout(Some(Duration::from_secs(30)));
+        if let Err(e) = wire::write_frame(&mut sock, &cfg) {
+            return Err(abort(
+                &mut child,
+                &cg,
+                Error::Setup(format!("send config: {e}")),
+            ));
+        }
+        let mut pid = 0u32;
+        loop {
+            let body = match wire::read_frame(&mut sock) {
+                Ok(Some(b)) => b,
+                Ok(None) => {
+                    return Err(abort(
+                        &mut child,
+                        &cg,
+                        Error::Setup("init exited during setup".into()),
+                    ))
+                }
+                Err(e) => return Err(abort(&mut child, &cg, Error::Setup(format!("init: {e}")))),
+            };
+            let mut d = Dec::new(&body);
+            match d.u8() {
+                Ok(tag::SPAWNED) => pid = d.u32().unwrap_or(0),
+                Ok(tag::READY) => break,
+                Ok(tag::ERROR) => {
+                    let e = wire::decode_error(&mut d);
+                    return Err(abort(&mut child, &cg, e));
+                }
+                _ => {
+                    return Err(abort(
+                        &mut child,
+                        &cg,
+                        Error::Setup("unexpected frame from init".into()),
+                    ))
+                }
+            }
+        }
+        Ok(Sandbox {
+            inner: Mutex::new(Inner {
+                sock: Some(sock),
+                child: Some(child),
+                cg: Some(cg),
+            }),
+            policy,
+            pid,
+        })
+    }
+
+    /// The policy this sandbox enforces.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Host pid of the in-sandbox init (pid 1 of the sandbox).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Whether `close` has run (or the init died).
+    pub fn is_closed(&self) -> bool {
+        self.lock().sock.is_none()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Closes the sandbox: the init sees end of stream and exits, the kernel kills every
+    /// process in its pid namespace, the outer init removes the cgroup. Idempotent.
+    pub fn close(&self) {
+        let mut g = self.lock();
+        Self::teardown(&mut g);
+    }
+
+    fn teardown(g: &mut Inner) {
+        if let Some(s) = g.sock.take() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        if let Some(mut c) = g.child.take() {
+            let _ = c.wait();
+        }
+        if let Some(cg) = g.cg.take() {
+            cg.remove();
+        }
+    }
+
+    fn call(&self, body: &[u8], timeout: f64, accounting: bool) -> Result<(Vec<u8>, u64, u64)> {
+        let mut g = self.lock();
+        let Some(sock) = g.sock.as_mut() else {
+            return Err(Error::Closed);
+        };
+        let _ = sock.set_read_timeout(Some(Duration::from_secs_f64(timeout + 30.0)));
+        let oom0 = match (&g.cg, accounting) {
+            (Some(cg), true) => {
+                cg.reset_peak();
+                cg.oom_kills()
+            }
+            _ => 0,
+        };
+        let sock = g.sock.as_mut().ok_or(Error::Closed)?;
+        let r = wire::write_frame(sock, body).and_then(|_| wire::read_frame(sock));
+        match r {
+            Ok(Some(b)) => {
+                let (oom, peak) = match (&g.cg, accounting) {
+                    (Some(cg), true) => (cg.oom_kills().saturating_sub(oom0), cg.peak()),
+                    _ => (0, 0),
+                };
+                Ok((b, oom, peak))
+            }
+            other => {
+                Self::teardown(&mut g);
+                let why = match other {
+                    Err(e) => e.to_string(),
+                    _ => "end of stream".into(),
+                };
+                Err(Error::Sandbox(format!(
+                    "the sandbox init died ({why}); the sandbox is closed"
+                )))
+            }
+        }
+    }
+
+    fn timeout(&self, t: Option<f64>) -> Result<f64> {
+        let t = t.unwrap_or(self.policy.timeout);
+        check_timeout("timeout", t)?;
+        Ok(t)
+    }
+
+    /// Runs a command. A failing command is a result; a sandbox failure is an error.
+    pub fn exec(&self, req: &ExecRequest) -> Result<ExecOutput> {
+        if req.argv.is_empty() {
+            return Err(Error::Policy("cmd must not be empty".into()));
+        }
+        for (i, a) in req.argv.iter().enumerate() {
+            if a.contains(&0) {
+                return Err(Error::Policy(format!(
+                    "cmd[{i}] contains a NUL byte: {:?}",
+                    String::from_utf8_lossy(a)
+                )));
+            }
+        }
+        for (k, v) in &req.env {
+            check_env("env", k, v)?;
+        }
+        let cwd = match &req.cwd {
+            None => b"/workspace".to_vec(),
+            Some(c) if c.contains(&0) || c.is_empty() => {
+                return Err(Error::Policy(format!(
+                    "cwd is invalid: {:?}",
+                    String::from_utf8_lossy(c)
+                )))
+            }
+            Some(c) if c[0] == b'/' => c.clone(),
+            Some(c) => [&b"/workspace/"[..], c].concat(),
+        };
+        let timeout = self.timeout(req.timeout)?;
+        let mut e = Enc::new(tag::EXEC);
+        e.list(&req.argv)
+            .list(&self.policy.environment(&req.env))
+            .bytes(&cwd);
+        e.opt_bytes(req.stdin.as_deref())
+            .u64((timeout * 1e3).ceil() as u64);
+        e.u64(self.policy.max_output_bytes)
+            .u64(self.policy.cpu_seconds.unwrap_or(0));
+        self.result(&e.0, timeout)
+    }
+
+    /// Runs Python code in the sandbox's warm interpreter (a fork per call).
+    pub fn run_python(&self, code: &[u8], timeout: Option<f64>) -> Result<ExecOutput> {
+        let timeout = self.timeout(timeout)?;
+        let mut e = Enc::new(tag::PYTHON);
+        e.bytes(code).u64((timeout * 1e3).ceil() as u64);
+        e.u64(self.policy.max_output_bytes)
+            .u64(self.policy.cpu_seconds.unwrap_or(0));
+        self.result(&e.0, timeout)
+    }
+
+    fn result(&self, body: &[u8], timeout: f64) -> Result<ExecOutput> {
+        let (resp, oom, peak) = self.call(body, timeout, true)?;
+        let mut d = Dec::new(&resp);
+        let bad = |e: std::io::Error| Error::Sandbox(format!("bad result frame: {e}"));
+        match d.u8().map_err(bad)? {
+            tag::RESULT => {}
+            tag::ERROR => return Err(wire::decode_error(&mut d)),
+            t => return Err(Error::Sandbox(format!("unexpected frame {t}"))),
+        }
+        let has = d.u8().map_err(bad)? != 0;
+        let status = d.i64().map_err(bad)? as i32;
+        let timed_out = d.u8().map_err(bad)? != 0;
+        let mut o = ExecOutput {
+            stdout: d.bytes().map_err(bad)?,
+            stderr: d.bytes().map_err(bad)?,
+            stdout_truncated: d.u8().map_err(bad)? != 0,
+            stderr_truncated: d.u8().map_err(bad)? != 0,
+            stdout_total: d.u64().map_err(bad)?,
+            stderr_total: d.u64().map_err(bad)?,
+            wall_time: f64::from_bits(d.u64().map_err(bad)?),
+            cpu_time: f64::from_bits(d.u64().map_err(bad)?),
+            timed_out,
+            oom_killed: oom > 0,
+            peak_memory: peak,
+            ..Default::default()
+        };
+        if !has {
+            o.signal = Some(libc::SIGKILL);
+        } else if libc::WIFEXITED(status) {
+            o.exit_code = Some(libc::WEXITSTATUS(status));
+        } else if libc::WIFSIGNALED(status) {
+            o.signal = Some(libc::WTERMSIG(status));
+        }
+        Ok(o)
+    }
+
+    /// Reads a regular file beneath the sandbox root (relative paths: beneath /workspace).
+    pub fn read_file(&self, path: &[u8]) -> Result<Vec<u8>> {
+        check_path(path)?;
+        let mut e = Enc::new(tag::READ);
+        e.bytes(path);
+        let (resp, _, _) = self.call(&e.0, 60.0, false)?;
+        let mut d = Dec::new(&resp);
+        match d.u8() {
+            Ok(tag::DATA) => d
+                .bytes()
+                .map_err(|e| Error::Sandbox(format!("bad data frame: {e}"))),
+            Ok(tag::ERROR) => Err(wire::decode_error(&mut d)),
+            _ => Err(Error::Sandbox("unexpected frame".into())),
+        }
+    }
+
+    /// Creates or replaces a regular file beneath the sandbox root.
+    pub fn write_file(&self, path: &[u8], data: &[u8]) -> Result<()> {
+        check_path(path)?;
+        let mut e = Enc::new(tag::WRITE);
+        e.bytes(path).bytes(data);
+        let (resp, _, _) = self.call(&e.0, 60.0, false)?;
+        let mut d = Dec::new(&resp);
+        match d.u8() {
+            Ok(tag::OK) => Ok(()),
+            Ok(tag::ERROR) => Err(wire::decode_error(&mut d)),
+            _ => Err(Error::Sandbox("unexpected frame".into())),
+        }
+    }
+
+    /// Raw fd of the control socket (posture tests: it must not leak into the sandbox).
+    pub fn control_fd(&self) -> Option<RawFd> {
+        self.lock().sock.as_ref().map(|s| s.as_raw_fd())
+    }
+}
+
+/// Validates a file API path: non-empty, no NUL; escapes are judged by the kernel (openat2).
+pub fn check_path(path: &[u8]) -> Result<()> {
+    if path.is_empty() {
+        return Err(Error::Path("path must not be empty".into()));
+    }
+    if path.contains(&0) {
+        return Err(Error::Path(format!(
+            "path {:?} contains a NUL byte",
+            String::from_utf8_lossy(path)
+        )));
+    }
+    Ok(())
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn f<T: Send + Sync>() {}
+    f::<Sandbox>();
+}

@@ -1,0 +1,121 @@
+//! Confinement of a sandboxed process, applied in the forked child right before `execve`, in
+//! this order: signals reset, new session, rlimits, securebits, capability bounding set and
+//! ambient set cleared, no_new_privs, landlock, all capabilities dropped, seccomp.
+
+use crate::sys::{cvt, write_path};
+use seccompiler::BpfProgram;
+use std::os::fd::RawFd;
+
+/// Everything the init prepares once and every sandboxed process applies.
+pub struct Confinement {
+    pub filters: Vec<BpfProgram>,
+    /// Landlock ruleset fd, or -1 when landlock is not available (and not required).
+    pub landlock_fd: RawFd,
+    pub cap_last: u32,
+    pub nofile: u64,
+    pub fsize: u64,
+    pub nproc: u64,
+}
+
+const SECBITS: libc::c_ulong = 0xEF; // NOROOT, NO_SETUID_FIXUP, KEEP_CAPS_LOCKED, NO_CAP_AMBIENT_RAISE (+locks)
+
+fn rlimit(res: libc::__rlimit_resource_t, soft: u64, hard: u64, name: &str) -> Result<(), String> {
+    let r = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: r is a valid rlimit.
+    cvt(unsafe { libc::setrlimit(res, &r) })
+        .map(|_| ())
+        .map_err(|e| format!("setrlimit {name}: {e}"))
+}
+
+fn prctl(op: libc::c_int, a: libc::c_ulong, what: &str) -> Result<(), String> {
+    // SAFETY: prctl with integer arguments.
+    cvt(unsafe {
+        libc::prctl(
+            op,
+            a,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    })
+    .map(|_| ())
+    .map_err(|e| format!("prctl {what}: {e}"))
+}
+
+/// Applies the confinement to the calling (single-threaded, freshly forked) process.
+pub fn enter(c: &Confinement, cpu_seconds: Option<u64>) -> Result<(), String> {
+    // SAFETY: resetting signal dispositions and the mask in a single-threaded child.
+    unsafe {
+        for sig in 1..libc::SIGRTMAX() {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        libc::setsid();
+        libc::umask(0o022);
+    }
+    let _ = write_path("/proc/self/oom_score_adj", b"0");
+    rlimit(libc::RLIMIT_NOFILE, c.nofile, c.nofile, "NOFILE")?;
+    rlimit(libc::RLIMIT_FSIZE, c.fsize, c.fsize, "FSIZE")?;
+    rlimit(libc::RLIMIT_CORE, 0, 0, "CORE")?;
+    rlimit(libc::RLIMIT_NPROC, c.nproc, c.nproc, "NPROC")?;
+    if let Some(s) = cpu_seconds {
+        rlimit(libc::RLIMIT_CPU, s, s + 1, "CPU")?;
+    }
+    prctl(libc::PR_SET_SECUREBITS, SECBITS, "SET_SECUREBITS")?;
+    for cap in 0..=c.cap_last {
+        prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, "CAPBSET_DROP")?;
+    }
+    // SAFETY: prctl with integer arguments.
+    cvt(unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    })
+    .map_err(|e| format!("clear ambient caps: {e}"))?;
+    prctl(libc::PR_SET_NO_NEW_PRIVS, 1, "SET_NO_NEW_PRIVS")?;
+    if c.landlock_fd >= 0 {
+        crate::landlock::restrict_self(c.landlock_fd).map_err(|e| format!("landlock: {e}"))?;
+    }
+    drop_caps()?;
+    crate::seccomp::apply(&c.filters).map_err(|e| format!("seccomp: {e}"))
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+fn drop_caps() -> Result<(), String> {
+    let hdr = CapHeader {
+        version: 0x2008_0522,
+        pid: 0,
+    };
+    let data = [CapData {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: valid header and two data entries (capability version 3).
+    let r = unsafe { libc::syscall(libc::SYS_capset, &hdr as *const CapHeader, data.as_ptr()) };
+    cvt(r).map(|_| ()).map_err(|e| format!("capset: {e}"))
+}

@@ -1,0 +1,147 @@
+//! The file API, served by the init with `openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)`
+//! rooted at the sandbox root (absolute paths) or at /workspace (relative paths). Only regular
+//! files outside procfs are read or written.
+
+use crate::sys::{close, cstr};
+use std::os::fd::RawFd;
+
+/// Largest file read_file returns.
+pub const MAX_READ: u64 = 1 << 30;
+const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
+const RESOLVE_BENEATH: u64 = 0x08;
+const PROC_SUPER_MAGIC: i64 = 0x9fa0;
+
+#[allow(clippy::unnecessary_cast)] // f_type's integer type differs between targets
+fn is_proc(sf: &libc::statfs) -> bool {
+    sf.f_type as i64 == PROC_SUPER_MAGIC
+}
+
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+fn describe(path: &[u8], e: i32) -> String {
+    let p = String::from_utf8_lossy(path);
+    let why = match e {
+        libc::EXDEV => "escapes the sandbox root".to_string(),
+        libc::ELOOP => "goes through a symlink that leaves the sandbox or a magic link".to_string(),
+        libc::EROFS => "is on a read-only part of the sandbox".to_string(),
+        libc::ENOSPC => "no space left (disk_bytes)".to_string(),
+        libc::EFBIG => "file too large (disk_bytes)".to_string(),
+        _ => std::io::Error::from_raw_os_error(e).to_string(),
+    };
+    format!("path {p:?}: {why}")
+}
+
+fn open(root: RawFd, ws: RawFd, path: &[u8], flags: i32) -> Result<RawFd, String> {
+    let (base, rel) = match path.iter().position(|&b| b != b'/') {
+        _ if path.first() != Some(&b'/') => (ws, path),
+        Some(i) => (root, &path[i..]),
+        None => (root, &b"."[..]),
+    };
+    let c = cstr(rel).map_err(|_| {
+        format!(
+            "path {:?} contains a NUL byte",
+            String::from_utf8_lossy(path)
+        )
+    })?;
+    let how = OpenHow {
+        flags: (flags | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK) as u64,
+        mode: if flags & libc::O_CREAT != 0 { 0o644 } else { 0 },
+        resolve: RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS,
+    };
+    // SAFETY: valid C string and open_how struct.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            base,
+            c.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO);
+        return Err(describe(path, e));
+    }
+    let fd = fd as RawFd;
+    // SAFETY: st/sf are valid buffers for fstat/fstatfs.
+    let (mut st, mut sf): (libc::stat, libc::statfs) =
+        unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+    let ok = unsafe { libc::fstat(fd, &mut st) == 0 && libc::fstatfs(fd, &mut sf) == 0 };
+    let p = String::from_utf8_lossy(path);
+    let err = if !ok {
+        Some(format!("path {p:?}: cannot stat"))
+    } else if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+        Some(format!("path {p:?}: is a directory"))
+    } else if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        Some(format!("path {p:?}: not a regular file"))
+    } else if is_proc(&sf) {
+        Some(format!(
+            "path {p:?}: procfs is not accessible through the file API"
+        ))
+    } else if flags & libc::O_CREAT == 0 && st.st_size as u64 > MAX_READ {
+        Some(format!("path {p:?}: larger than {MAX_READ} bytes"))
+    } else {
+        None
+    };
+    match err {
+        Some(m) => {
+            close(fd);
+            Err(m)
+        }
+        None => Ok(fd),
+    }
+}
+
+/// Reads a whole regular file.
+pub fn read(root: RawFd, ws: RawFd, path: &[u8]) -> Result<Vec<u8>, String> {
+    let fd = open(root, ws, path, libc::O_RDONLY)?;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: buf is valid.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO);
+            if e == libc::EINTR {
+                continue;
+            }
+            close(fd);
+            return Err(describe(path, e));
+        }
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n as usize]);
+        if out.len() as u64 > MAX_READ {
+            close(fd);
+            return Err(format!(
+                "path {:?}: larger than {MAX_READ} bytes",
+                String::from_utf8_lossy(path)
+            ));
+        }
+    }
+    close(fd);
+    Ok(out)
+}
+
+/// Creates or truncates a regular file and writes `data`.
+pub fn write(root: RawFd, ws: RawFd, path: &[u8], data: &[u8]) -> Result<(), String> {
+    let fd = open(
+        root,
+        ws,
+        path,
+        libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC,
+    )?;
+    let r = crate::sys::write_all_fd(fd, data);
+    close(fd);
+    r.map_err(|e| describe(path, e.raw_os_error().unwrap_or(libc::EIO)))
+}

@@ -1,0 +1,301 @@
+//! The inner part of the init: pid 1 of the sandbox. Builds the root (mount plan, pivot_root),
+//! brings loopback up, prepares the confinement (seccomp BPF, landlock ruleset) once, and
+//! serves the host's requests one at a time until the control socket closes.
+
+use super::confine::Confinement;
+use super::exec::{self, Job, Outcome};
+use super::files;
+use super::pyserver::PyServer;
+use crate::mounts::{self, PlanInput, ETC_BINDS, IMAGE_DIRS};
+use crate::policy::Policy;
+use crate::sys::{close, cstr, cvt};
+use crate::wire::{self, errkind, tag, Dec, Enc};
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::{FromRawFd, RawFd};
+
+struct State {
+    conf: Confinement,
+    root_fd: RawFd,
+    ws_fd: RawFd,
+    devnull: RawFd,
+    envp: Vec<CString>,
+    py: Option<PyServer>,
+}
+
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    flags: libc::c_short,
+    pad: [u8; 22],
+}
+
+fn loopback_up() -> Result<(), String> {
+    // SAFETY: plain socket/ioctl calls with a valid ifreq.
+    unsafe {
+        let s = cvt(libc::socket(
+            libc::AF_INET,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            0,
+        ))
+        .map_err(|e| format!("socket: {e}"))?;
+        let mut ifr = IfReq {
+            name: [0; 16],
+            flags: 0,
+            pad: [0; 22],
+        };
+        ifr.name[..2].copy_from_slice(b"lo");
+        let r = libc::ioctl(s, libc::SIOCGIFFLAGS, &mut ifr);
+        ifr.flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        let r2 = if r == 0 {
+            libc::ioctl(s, libc::SIOCSIFFLAGS, &ifr)
+        } else {
+            r
+        };
+        let e = std::io::Error::last_os_error();
+        close(s);
+        if r2 != 0 {
+            return Err(format!("loopback up: {e}"));
+        }
+    }
+    Ok(())
+}
+
+fn setup(p: &Policy) -> Result<State, String> {
+    let m = |e: std::io::Error| e.to_string();
+    // SAFETY: mount propagation change in our private mount namespace.
+    cvt(unsafe {
+        libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
+    })
+    .map_err(|e| format!("make / private: {e}"))?;
+    let image = p
+        .image
+        .as_ref()
+        .map(|b| String::from_utf8_lossy(b).trim_end_matches('/').to_string())
+        .unwrap_or_default();
+    if !image.is_empty() && !std::path::Path::new(&format!("{image}/usr")).is_dir() {
+        return Err(format!("image {image:?} has no usr directory"));
+    }
+    let root = if image.starts_with("/tmp") {
+        "/mnt"
+    } else {
+        "/tmp"
+    };
+    let rc = cstr(root.as_bytes()).map_err(m)?;
+    // SAFETY: valid C strings.
+    cvt(unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            rc.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            c"size=1m,mode=755".as_ptr().cast(),
+        )
+    })
+    .map_err(|e| format!("mount root tmpfs: {e}"))?;
+    let input = PlanInput {
+        image: &image,
+        image_entries: IMAGE_DIRS
+            .iter()
+            .map(|n| (*n, mounts::probe(&format!("{image}/{n}"))))
+            .collect(),
+        etc_entries: ETC_BINDS
+            .iter()
+            .map(|n| (*n, mounts::probe(&format!("{image}/etc/{n}"))))
+            .collect(),
+        disk_bytes: p.disk_bytes,
+    };
+    mounts::apply(root, &mounts::plan(&input)).map_err(m)?;
+    mounts::pivot(root).map_err(|e| format!("pivot_root: {e}"))?;
+    if !p.network {
+        loopback_up()?;
+    }
+    // SAFETY: valid buffer and length.
+    unsafe { libc::sethostname(c"sandbox".as_ptr(), 7) };
+    let cap_last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40);
+    let filters = crate::seccomp::build_filters()?;
+    let abi = crate::landlock::abi_version();
+    let landlock_fd = if abi == 0 {
+        if p.require_landlock {
+            return Err("landlock is not enabled in this kernel (boot with lsm=...,landlock) and the policy requires it".into());
+        }
+        -1
+    } else {
+        let fd = crate::landlock::create_ruleset(abi, p.network)
+            .map_err(|e| format!("landlock ruleset: {e}"))?;
+        // Keep it clear of the low fds children rewire (the python worker's fd 3).
+        // SAFETY: duplicating an fd we own.
+        let high = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 20) };
+        close(fd);
+        cvt(high).map_err(|e| format!("landlock fd: {e}"))?
+    };
+    let open = |path: &std::ffi::CStr, fl| {
+        // SAFETY: valid C string.
+        cvt(unsafe { libc::open(path.as_ptr(), fl | libc::O_CLOEXEC) })
+            .map_err(|e| format!("open {path:?}: {e}"))
+    };
+    let root_fd = open(c"/", libc::O_PATH | libc::O_DIRECTORY)?;
+    let ws_fd = open(c"/workspace", libc::O_PATH | libc::O_DIRECTORY)?;
+    let devnull = open(c"/dev/null", libc::O_RDWR)?;
+    let envp = p
+        .environment(&[])
+        .into_iter()
+        .filter_map(|e| CString::new(e).ok())
+        .collect();
+    Ok(State {
+        conf: Confinement {
+            filters,
+            landlock_fd,
+            cap_last,
+            nofile: p.max_open_files,
+            fsize: p.disk_bytes,
+            nproc: p.max_pids,
+        },
+        root_fd,
+        ws_fd,
+        devnull,
+        envp,
+        py: None,
+    })
+}
+
+fn cstrings(v: Vec<Vec<u8>>) -> Result<Vec<CString>, String> {
+    v.into_iter()
+        .map(|b| CString::new(b).map_err(|_| "argument contains a NUL byte".to_string()))
+        .collect()
+}
+
+fn encode_outcome(o: Outcome) -> Vec<u8> {
+    let mut e = Enc::new(tag::RESULT);
+    match o.status {
+        Some(s) => e.u8(1).i64(s as i64),
+        None => e.u8(0).i64(0),
+    };
+    let p = o.pumped;
+    e.u8(p.timed_out as u8);
+    let (ot, et) = (p.out.truncated(), p.err.truncated());
+    let (on, en) = (p.out.total(), p.err.total());
+    e.bytes(&p.out.into_bytes()).bytes(&p.err.into_bytes());
+    e.u8(ot as u8).u8(et as u8).u64(on).u64(en);
+    e.u64(p.wall.to_bits()).u64(o.cpu.to_bits());
+    e.0
+}
+
+fn handle(st: &mut State, ctrl: RawFd, body: &[u8]) -> Result<Vec<u8>, (u8, String)> {
+    let bad = |e: std::io::Error| (errkind::SANDBOX, format!("bad request: {e}"));
+    let mut d = Dec::new(body);
+    match d.u8().map_err(bad)? {
+        tag::EXEC => {
+            let argv = cstrings(d.list().map_err(bad)?).map_err(|m| (errkind::POLICY, m))?;
+            let envp = cstrings(d.list().map_err(bad)?).map_err(|m| (errkind::POLICY, m))?;
+            let cwd = CString::new(d.bytes().map_err(bad)?)
+                .map_err(|_| (errkind::POLICY, "cwd contains a NUL byte".into()))?;
+            let stdin = d.opt_bytes().map_err(bad)?;
+            let timeout = d.u64().map_err(bad)? as f64 / 1e3;
+            let max_output = d.u64().map_err(bad)? as usize;
+            let cpu = d.u64().map_err(bad)?;
+            if argv.is_empty() {
+                return Err((errkind::POLICY, "cmd must not be empty".into()));
+            }
+            let job = Job {
+                argv,
+                envp,
+                cwd,
+                stdin,
+                timeout,
+                max_output,
+                cpu_seconds: (cpu > 0).then_some(cpu),
+            };
+            exec::run(&job, &st.conf, ctrl, st.devnull)
+                .map(encode_outcome)
+                .map_err(|m| (errkind::SANDBOX, m))
+        }
+        tag::PYTHON => {
+            let code = d.bytes().map_err(bad)?;
+            let timeout = d.u64().map_err(bad)? as f64 / 1e3;
+            let max_output = d.u64().map_err(bad)? as usize;
+            let cpu = d.u64().map_err(bad)?;
+            let server = match st.py.take() {
+                Some(s) => s,
+                None => PyServer::start(&st.conf, &st.envp, st.devnull)
+                    .map_err(|m| (errkind::SANDBOX, format!("python worker: {m}")))?,
+            };
+            let (server, r) =
+                server.call(&code, timeout, (cpu > 0).then_some(cpu), max_output, ctrl);
+            st.py = server;
+            r.map(encode_outcome).map_err(|m| (errkind::SANDBOX, m))
+        }
+        tag::READ => {
+            let path = d.bytes().map_err(bad)?;
+            let data = files::read(st.root_fd, st.ws_fd, &path).map_err(|m| (errkind::PATH, m))?;
+            let mut e = Enc::new(tag::DATA);
+            e.bytes(&data);
+            Ok(e.0)
+        }
+        tag::WRITE => {
+            let path = d.bytes().map_err(bad)?;
+            let data = d.bytes().map_err(bad)?;
+            files::write(st.root_fd, st.ws_fd, &path, &data).map_err(|m| (errkind::PATH, m))?;
+            Ok(Enc::new(tag::OK).0)
+        }
+        t => Err((errkind::SANDBOX, format!("unknown request tag {t}"))),
+    }
+}
+
+/// Runs the inner part; returns the exit code.
+pub fn run(p: &Policy, sync_r: RawFd) -> i32 {
+    let mut b = [0u8; 1];
+    // SAFETY: reading one byte into a valid buffer.
+    if unsafe { libc::read(sync_r, b.as_mut_ptr().cast(), 1) } != 1 {
+        return 1;
+    }
+    close(sync_r);
+    // SAFETY: process-wide credential and fd setup of a single-threaded process.
+    let ctrl = unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+        libc::prctl(libc::PR_SET_DUMPABLE, 0 as libc::c_ulong);
+        if libc::setresgid(0, 0, 0) != 0 || libc::setresuid(0, 0, 0) != 0 {
+            return 1;
+        }
+        let c = libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 10);
+        let n = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        libc::dup2(n, 0);
+        if n > 2 {
+            libc::close(n);
+        }
+        c
+    };
+    let mut sock = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(ctrl) });
+    let mut st = match setup(p) {
+        Ok(s) => s,
+        Err(m) => {
+            let _ = wire::write_frame(&mut *sock, &wire::error_body(errkind::SETUP, &m));
+            return 1;
+        }
+    };
+    if wire::write_frame(&mut *sock, &Enc::new(tag::READY).0).is_err() {
+        return 1;
+    }
+    while let Ok(Some(body)) = wire::read_frame(&mut *sock) {
+        let resp = match handle(&mut st, ctrl, &body) {
+            Ok(r) => r,
+            Err((k, m)) => wire::error_body(k, &m),
+        };
+        if wire::write_frame(&mut *sock, &resp).is_err() {
+            break;
+        }
+    }
+    if let Some(py) = st.py.take() {
+        py.stop();
+    }
+    0
+}

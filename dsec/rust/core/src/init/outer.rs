@@ -1,0 +1,149 @@
+//! The outer part of the init: host namespaces, root. Joins the cgroups, clones the inner part
+//! into the new namespaces, maps its ids, waits for it, then removes the cgroups.
+
+use crate::policy::Policy;
+use crate::sys::{clone_fork, close, pipe, write_all_fd, write_path};
+use crate::wire::{self, errkind, tag, Dec, Enc};
+use std::fs::File;
+use std::mem::ManuallyDrop;
+use std::os::fd::FromRawFd;
+
+/// What the host sends first.
+pub struct Config {
+    pub policy: Policy,
+    /// Sandbox cgroup directories (one per hierarchy) and their parents.
+    pub cgroups: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Config {
+    /// Encodes the config frame body.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut e = Enc::new(tag::CONFIG);
+        self.policy.encode(&mut e);
+        e.u32(self.cgroups.len() as u32);
+        for (d, p) in &self.cgroups {
+            e.bytes(d).bytes(p);
+        }
+        e.0
+    }
+
+    fn decode(b: &[u8]) -> std::io::Result<Self> {
+        let mut d = Dec::new(b);
+        if d.u8()? != tag::CONFIG {
+            return Err(std::io::Error::other("expected a config frame"));
+        }
+        let policy = Policy::decode(&mut d)?;
+        let n = d.u32()?;
+        let mut cgroups = Vec::new();
+        for _ in 0..n {
+            cgroups.push((d.bytes()?, d.bytes()?));
+        }
+        Ok(Config { policy, cgroups })
+    }
+}
+
+fn send(body: &[u8]) {
+    let mut f = ManuallyDrop::new(unsafe { File::from_raw_fd(0) });
+    let _ = wire::write_frame(&mut *f, body);
+}
+
+fn fail(msg: String) -> i32 {
+    send(&wire::error_body(errkind::SETUP, &msg));
+    1
+}
+
+fn s(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn remove_cgroups(cgroups: &[(Vec<u8>, Vec<u8>)]) {
+    let me = format!("{}", std::process::id());
+    for (dir, parent) in cgroups {
+        let _ = write_path(&format!("{}/cgroup.procs", s(parent)), me.as_bytes());
+        for _ in 0..200 {
+            match std::fs::remove_dir(s(dir)) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(2)),
+            }
+        }
+    }
+}
+
+/// Runs the outer part; returns the process exit code.
+pub fn run() -> i32 {
+    let mut ctrl = ManuallyDrop::new(unsafe { File::from_raw_fd(0) });
+    let cfg = match wire::read_frame(&mut *ctrl).map(|b| b.map(|b| Config::decode(&b))) {
+        Ok(Some(Ok(c))) => c,
+        Ok(Some(Err(e))) => return fail(format!("bad config: {e}")),
+        _ => return 1,
+    };
+    let me = format!("{}", std::process::id());
+    for (dir, _) in &cfg.cgroups {
+        if let Err(e) = write_path(&format!("{}/cgroup.procs", s(dir)), me.as_bytes()) {
+            remove_cgroups(&cfg.cgroups);
+            return fail(format!("join cgroup {}: {e}", s(dir)));
+        }
+    }
+    let _ = write_path("/proc/self/oom_score_adj", b"-1000");
+    let (sync_r, sync_w) = match pipe() {
+        Ok(p) => p,
+        Err(e) => return fail(format!("pipe: {e}")),
+    };
+    let mut flags = libc::CLONE_NEWUSER
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWNS
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWCGROUP;
+    if !cfg.policy.network {
+        flags |= libc::CLONE_NEWNET;
+    }
+    let pid = match clone_fork(flags) {
+        Ok(p) => p,
+        Err(e) => {
+            remove_cgroups(&cfg.cgroups);
+            return fail(format!(
+                "clone into new namespaces: {e} (see `python -m dsec check`)"
+            ));
+        }
+    };
+    if pid == 0 {
+        close(sync_w);
+        // SAFETY: exit with the inner part's code.
+        unsafe { libc::_exit(super::inner::run(&cfg.policy, sync_r)) };
+    }
+    close(sync_r);
+    let id = cfg.policy.host_id;
+    let maps = [
+        (format!("/proc/{pid}/setgroups"), "deny".to_string()),
+        (format!("/proc/{pid}/uid_map"), format!("0 {id} 1\n")),
+        (format!("/proc/{pid}/gid_map"), format!("0 {id} 1\n")),
+    ];
+    // Best effort: needs CAP_SYS_RESOURCE, which containers often drop.
+    let _ = write_path(&format!("/proc/{pid}/oom_score_adj"), b"-1000");
+    for (path, val) in &maps {
+        if let Err(e) = write_path(path, val.as_bytes()) {
+            // SAFETY: killing and reaping our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+            remove_cgroups(&cfg.cgroups);
+            return fail(format!("write {path}: {e}"));
+        }
+    }
+    let mut e = Enc::new(tag::SPAWNED);
+    e.u32(pid as u32);
+    send(&e.0);
+    let _ = write_all_fd(sync_w, b"1");
+    close(sync_w);
+    close(0);
+    let mut st = 0;
+    // SAFETY: waiting for our own child.
+    while unsafe { libc::waitpid(pid, &mut st, 0) } < 0
+        && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
+    {}
+    remove_cgroups(&cfg.cgroups);
+    0
+}

@@ -1,0 +1,21 @@
+//! dsec-core: a namespace sandbox for running untrusted commands and Python code.
+//!
+//! Layers: [`policy`] (plain data), pure builders ([`seccomp`], [`landlock`], [`mounts`]),
+//! the host side ([`host`], [`cgroup`], [`wire`]) and the in-sandbox [`init`].
+
+pub mod capture;
+pub mod cgroup;
+pub mod check;
+mod error;
+pub mod host;
+pub mod init;
+pub mod landlock;
+pub mod mounts;
+pub mod policy;
+pub mod seccomp;
+pub mod sys;
+pub mod wire;
+
+pub use error::{Error, Result};
+pub use host::{ExecOutput, ExecRequest, Sandbox};
+pub use policy::Policy;

@@ -1,0 +1,105 @@
+//! Thin wrappers over the raw system calls the sandbox uses (libc only, no allocation where the
+//! caller may be a freshly forked child).
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::RawFd;
+
+/// Converts a `-1` return into the last OS error.
+pub fn cvt<T: PartialEq + From<i8>>(r: T) -> io::Result<T> {
+    if r == T::from(-1) {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// `clone(flags | SIGCHLD)` with fork semantics (child continues on a copy of the stack).
+/// Only call from a single-threaded process.
+pub fn clone_fork(flags: libc::c_int) -> io::Result<libc::pid_t> {
+    // SAFETY: raw clone without a new stack behaves like fork; the callers are single-threaded.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (flags | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    cvt(r).map(|p| p as libc::pid_t)
+}
+
+/// `pidfd_open(pid, 0)`.
+pub fn pidfd_open(pid: libc::pid_t) -> io::Result<RawFd> {
+    // SAFETY: plain syscall with integer arguments.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    cvt(r).map(|f| f as RawFd)
+}
+
+/// A pipe with both ends close-on-exec: `(read, write)`.
+pub fn pipe() -> io::Result<(RawFd, RawFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid 2-element array.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    Ok((fds[0], fds[1]))
+}
+
+/// Closes an fd if it is valid, ignoring errors.
+pub fn close(fd: RawFd) {
+    if fd >= 0 {
+        // SAFETY: closing an fd we own.
+        unsafe { libc::close(fd) };
+    }
+}
+
+/// Sets `O_NONBLOCK` on an fd.
+pub fn set_nonblock(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on an fd we own.
+    unsafe {
+        let fl = cvt(libc::fcntl(fd, libc::F_GETFL))?;
+        cvt(libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK))?;
+    }
+    Ok(())
+}
+
+/// A C string from bytes; fails on interior NUL.
+pub fn cstr(b: &[u8]) -> io::Result<CString> {
+    CString::new(b).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in string"))
+}
+
+/// Writes a whole buffer to a path (used for /proc and cgroup files).
+pub fn write_path(path: &str, data: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
+    f.write_all(data)
+}
+
+/// Writes all of `data` to an fd (blocking).
+pub fn write_all_fd(fd: RawFd, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        // SAFETY: data is a valid buffer.
+        let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        data = &data[n as usize..];
+    }
+    Ok(())
+}
+
+/// Monotonic clock in seconds.
+pub fn now() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
