@@ -66,10 +66,10 @@ class Attention(nn.Module):
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))  # [B, S, H, c]
         q = apply_rope(unit_rms(q, cfg.rms_norm_eps), pos, self.inv_freq)
         kv = apply_rope(self.kv_norm(self.wkv(x)), pos, self.inv_freq)  # [B, S, c]
-        kv = quantize_kv(kv, cfg)
         if cache is None or fill_lengths is not None:
+            kv = quantize_kv(kv, cfg)  # as the cache would store it
             keys, allowed = self._full_keys(x, qr, kv, pos, cache, fill_lengths)
-        else:
+        else:  # the cache quantises on write; reads return the stored values
             assert s == 1, "decode takes one token per row"
             keys, allowed = self._decode_keys(x, qr, kv, pos, cache)
         o = sparse_attention(q, keys, allowed, self.attn_sink, self.softmax_scale)

@@ -105,14 +105,18 @@ class Compressor(nn.Module):
         return (kv * score.softmax(dim=-2)).sum(dim=-2)
 
     def finish(
-        self, entry: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor
+        self, entry: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, quant: bool = True
     ) -> torch.Tensor:
-        """Norm -> RoPE at ``pos`` (block's first token) -> quantisation. entry [B, N, c] fp32."""
+        """Norm -> RoPE at ``pos`` (block's first token) -> (indexer: Hadamard) -> quantisation.
+
+        entry [B, N, c] fp32. ``quant=False`` leaves the rounding to the cache, which applies
+        the same quantisation when it stores the entry.
+        """
         entry = self.norm(entry.to(self.wkv.weight.dtype))
         entry = apply_rope(entry, pos, inv_freq)
         if self.for_indexer:
-            return quantize_index(entry, self.cfg)
-        return quantize_kv(entry, self.cfg)
+            return quantize_index(entry, self.cfg) if quant else hadamard(entry)
+        return quantize_kv(entry, self.cfg) if quant else entry
 
     def forward(
         self, x: torch.Tensor, inv_freq: torch.Tensor
@@ -174,7 +178,8 @@ class Compressor(nn.Module):
             x: [B, 1, d]; pos: [B] position of this token.
             kv_state / sc_state: [B, 2m|m, C] fp32.
         Returns:
-            entry [B, c] (valid where emit), emit [B] bool: rows whose block completed.
+            entry [B, c] (valid where emit; not yet quantised: the cache rounds it on write),
+            emit [B] bool: rows whose block completed.
         """
         m = self.ratio
         kv, score = self.project(x, pos[:, None])  # [B, 1, C]
@@ -183,8 +188,10 @@ class Compressor(nn.Module):
         kv_state[rows, slot] = kv[:, 0]
         sc_state[rows, slot] = score[:, 0]
         emit = (pos + 1) % m == 0
+        if not bool(emit.any()):
+            return kv.new_zeros(x.shape[0], self.head_dim), emit
         entry = self.pool(kv_state, sc_state)[:, None]  # [B, 1, c]
-        entry = self.finish(entry, (pos + 1 - m)[:, None], inv_freq)[:, 0]
+        entry = self.finish(entry, (pos + 1 - m)[:, None], inv_freq, quant=False)[:, 0]
         if self.overlap:
             shift = emit[:, None, None]
             kv_state[:, :m] = torch.where(shift, kv_state[:, m:], kv_state[:, :m])

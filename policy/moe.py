@@ -96,6 +96,6 @@ class MoE(nn.Module):
             if counts[e] == 0:
                 continue
             tok, slot = torch.where(indices == e)
-            y.index_add_(0, tok, expert(x[tok], weights[tok, slot, None]).float())
+            y.index_put_((tok,), expert(x[tok], weights[tok, slot, None]).float(), accumulate=True)
         y = y + self.shared_experts(x).float()
         return y.to(x.dtype).view(shape)
