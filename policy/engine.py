@@ -137,7 +137,7 @@ class Engine:
                     f"max_context {self.max_context}"
                 )
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
         """Generate for every prompt (token ids); returns one Generation per prompt, in order."""
         prompts = [list(p) for p in prompts]

@@ -182,7 +182,7 @@ class V4Model(nn.Module):
             loss = loss + mtp_weight * F.cross_entropy(mtp[:, :-1].reshape(-1, v), tgt)
         return loss
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache):
         """Right-padded prompts [B, S] with lengths [B] into an empty cache.
 
@@ -200,7 +200,7 @@ class V4Model(nn.Module):
         cache.pos.copy_(lengths)
         return self._head(last)[:, 0]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One token per row, input_ids [B] at positions cache.pos -> logits [B, V]."""
         if int(cache.pos.max()) >= cache.capacity:

@@ -67,10 +67,14 @@ class Gate(nn.Module):
 
 
 def _hash_table(vocab: int, n_experts: int, k: int, layer_id: int) -> torch.Tensor:
-    if torch.empty(0).device.type == "meta":
+    """A fixed pseudo-random token-id -> k distinct experts table [V, k] (int64), the same for
+    every model built with these sizes (the official one is loaded from the checkpoint)."""
+    device = torch.empty(0).device  # honours a surrounding `with torch.device(...)`
+    if device.type == "meta":
         return torch.empty(vocab, k, dtype=torch.int64)
     g = torch.Generator().manual_seed(1234 + layer_id)
-    return torch.rand(vocab, n_experts, generator=g).argsort(dim=-1)[:, :k].contiguous()
+    r = torch.rand(vocab, n_experts, generator=g, device="cpu")
+    return r.argsort(dim=-1)[:, :k].contiguous().to(device)
 
 
 class MoE(nn.Module):
