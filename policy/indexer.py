@@ -11,6 +11,7 @@ from torch import nn
 
 from policy.compressor import Compressor, quantize_index
 from policy.config import V4Config
+from policy.kernels import MAX_BLOCK_ELEMS
 from policy.layers import Linear
 from policy.rope import apply_rope
 
@@ -36,8 +37,18 @@ class Indexer(nn.Module):
 
 
 def index_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """q [B, S, h, c], w [B, S, h], keys k [B, N, c] -> scores [B, S, N] fp32."""
-    logits = torch.einsum("bshc,bnc->bshn", q.float(), k.float()).relu_()
+    """q [B, S, h, c], w [B, S, h], keys k [B, N, c] -> scores [B, S, N] fp32.
+
+    Long sequences run in query chunks so the [B, S, h, N] logits never exist at once.
+    """
+    b, s, h, _ = q.shape
+    step = max(1, MAX_BLOCK_ELEMS // max(1, b * h * k.shape[1]))
+    if s > step:
+        return torch.cat(
+            [index_scores(q[:, i : i + step], w[:, i : i + step], k) for i in range(0, s, step)],
+            dim=1,
+        )
+    logits = torch.einsum("bshc,bnc->bshn", q.float(), k.float()).relu()
     return torch.einsum("bshn,bsh->bsn", logits, w.float())
 
 

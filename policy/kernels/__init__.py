@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import torch
 
+# Largest [B, S_chunk, H, N] logits block materialised at once (fp32 elements): long prefills
+# run their queries in chunks so memory stays O(S * N / chunks), not O(S * N * H * B).
+MAX_BLOCK_ELEMS = 1 << 24
+
 
 def sparse_attention(
     q: torch.Tensor, kv: torch.Tensor, allowed: torch.Tensor, sink: torch.Tensor, scale: float
@@ -27,6 +31,14 @@ def sparse_attention(
     Returns:
         o: [B, S, H, c] in q's dtype.
     """
+    b, s, h, _ = q.shape
+    step = max(1, MAX_BLOCK_ELEMS // max(1, b * h * kv.shape[1]))
+    if s > step:
+        parts = [
+            sparse_attention(q[:, i : i + step], kv, allowed[:, i : i + step], sink, scale)
+            for i in range(0, s, step)
+        ]
+        return torch.cat(parts, dim=1)
     kvf = kv.float()
     logits = torch.einsum("bshc,bnc->bshn", q.float(), kvf) * scale
     logits = logits.masked_fill(~allowed[:, :, None, :], float("-inf"))

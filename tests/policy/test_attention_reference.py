@@ -72,3 +72,17 @@ def test_sink_in_denominator_only():
     logits = torch.einsum("bshc,bnc->bshn", q, kv)
     z = logits.exp().sum(-1)
     torch.testing.assert_close(with_sink, no_sink * (z / (z + 1))[..., None])
+
+
+def test_query_chunking_is_exact(monkeypatch):
+    """Long prefills run queries in chunks; the result must not change."""
+    import policy.indexer
+    import policy.kernels
+
+    attn = _layer("csa", "float32")
+    x = torch.randn(2, 40, attn.cfg.hidden_size)
+    pos = torch.arange(40).expand(2, 40)
+    whole = attn(x, pos)
+    monkeypatch.setattr(policy.kernels, "MAX_BLOCK_ELEMS", 2 * 4 * 60 * 7)
+    monkeypatch.setattr(policy.indexer, "MAX_BLOCK_ELEMS", 2 * 2 * 10 * 7)
+    torch.testing.assert_close(attn(x, pos), whole, atol=1e-6, rtol=0)
