@@ -1,0 +1,467 @@
+"""dsec against bubblewrap, side by side in one run: latency, throughput and idle memory.
+
+    python bench/sandbox.py [--rounds 200] [--warmup 5] [--throughput-seconds 3] [--idle 200]
+
+Latency cases run interleaved round-robin (the order rotates every round), so load changes on a
+shared machine hit every case alike; only ratios measured within one run are meaningful. The bwrap
+baseline is its safe-as-root form (all capabilities dropped, new session, every namespace). Writes
+bench/results/sandbox.json and prints a table with each target and PASS / MISS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+
+import dsec
+
+RESULTS = Path(__file__).parent / "results" / "sandbox.json"
+LIMITS = dict(memory_bytes=512 << 20, max_pids=128, timeout=30.0, max_output_bytes=1 << 20)
+
+
+# ------------------------------------------------------------------------------ bubblewrap
+
+
+def ensure_bwrap() -> str:
+    """Path of bwrap, installing Debian's bubblewrap package when it is missing."""
+    found = shutil.which("bwrap")
+    if found:
+        return found
+    print("bwrap not found: installing bubblewrap with apt-get", file=sys.stderr)
+    install = ["apt-get", "install", "-y", "-q", "bubblewrap"]
+    if subprocess.run(install).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], check=True)
+        subprocess.run(install, check=True)
+    found = shutil.which("bwrap")
+    if not found:
+        raise SystemExit("bubblewrap installed but bwrap is still not on PATH")
+    return found
+
+
+def bwrap_argv(bwrap: str) -> list[str]:
+    """The safe-as-root bwrap sandbox: ro binds of the system dirs (symlinks where the host has
+    merged /usr), tmpfs /tmp, fresh /proc and /dev, no capabilities, new session."""
+    argv = [bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+    argv += ["--ro-bind", "/usr", "/usr"]
+    for top in ("/bin", "/lib", "/lib64"):
+        if os.path.islink(top):
+            argv += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            argv += ["--ro-bind", top, top]
+    return [*argv, "--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev"]
+
+
+def run_quiet(argv: list[str]) -> None:
+    subprocess.run(argv, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+
+
+# ------------------------------------------------------------------------------ statistics
+
+
+def stats_ms(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    n = len(ordered)
+
+    def pct(p: float) -> float:
+        return ordered[min(n - 1, round(p * (n - 1)))] * 1e3
+
+    return {
+        "n": n,
+        "min": ordered[0] * 1e3,
+        "p10": pct(0.10),
+        "median": statistics.median(ordered) * 1e3,
+        "p99": pct(0.99),
+        "mean": statistics.fmean(ordered) * 1e3,
+    }
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def check_ok(result: dsec.ExecResult, what: str) -> None:
+    if result.exit_code != 0:
+        raise SystemExit(f"{what} failed in the sandbox: {result!r}")
+
+
+# ------------------------------------------------------------------------------ latency
+
+
+def latency(bwrap: str, rounds: int, warmup: int) -> dict[str, dict[str, float]]:
+    base = bwrap_argv(bwrap)
+    live = dsec.Sandbox(**LIMITS)
+    check_ok(live.exec(["/bin/true"]), "/bin/true")
+    check_ok(live.run_python("pass"), "run_python")
+
+    def cold() -> None:
+        with dsec.Sandbox(**LIMITS) as sb:
+            check_ok(sb.exec(["/bin/true"]), "/bin/true")
+
+    cases: dict[str, Callable[[], object]] = {
+        "host fork+exec /bin/true": lambda: run_quiet(["/bin/true"]),
+        "bwrap /bin/true": lambda: run_quiet([*base, "/bin/true"]),
+        "bwrap python3 -c pass": lambda: run_quiet([*base, "python3", "-c", "pass"]),
+        "dsec cold: create + exec /bin/true + close": cold,
+        "dsec exec /bin/true (live sandbox)": lambda: check_ok(live.exec(["/bin/true"]), "true"),
+        "dsec run_python('pass') (live sandbox)": lambda: check_ok(live.run_python("pass"), "py"),
+    }
+    names = list(cases)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    try:
+        for _ in range(warmup):
+            for name in names:
+                cases[name]()
+        for r in tqdm(range(rounds), desc="latency rounds", unit="round"):
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                samples[name].append(timed(cases[name]))
+    finally:
+        live.close()
+    return {name: stats_ms(s) for name, s in samples.items()}
+
+
+# ------------------------------------------------------------------------------ throughput
+
+
+def throughput(
+    workers: int, seconds: float, make_worker: Callable[[], Callable[[], None]]
+) -> float:
+    """Execs per second of `workers` threads, each running its own launcher for `seconds`."""
+    launchers = [make_worker() for _ in range(workers)]
+    counts = [0] * workers
+    start_line = threading.Barrier(workers + 1)
+    stop = threading.Event()
+
+    def loop(i: int) -> None:
+        start_line.wait()
+        while not stop.is_set():
+            launchers[i]()
+            counts[i] += 1
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(workers)]
+    for t in threads:
+        t.start()
+    start_line.wait()
+    start = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - start)
+
+
+def concurrency(bwrap: str, workers: int, seconds: float, repeats: int) -> dict[str, list[float]]:
+    base = bwrap_argv(bwrap)
+    sandboxes: list[dsec.Sandbox] = []
+
+    def dsec_worker() -> Callable[[], None]:
+        sb = dsec.Sandbox(**LIMITS)
+        sandboxes.append(sb)
+        return lambda: check_ok(sb.exec(["/bin/true"]), "/bin/true")
+
+    def bwrap_worker() -> Callable[[], None]:
+        return lambda: run_quiet([*base, "/bin/true"])
+
+    out: dict[str, list[float]] = {"bwrap": [], "dsec": []}
+    try:
+        for _ in tqdm(range(repeats), desc=f"throughput ({workers} workers)", unit="pair"):
+            out["bwrap"].append(throughput(workers, seconds, bwrap_worker))
+            out["dsec"].append(throughput(workers, seconds, dsec_worker))
+            for sb in sandboxes:
+                sb.close()
+            sandboxes.clear()
+    finally:
+        for sb in sandboxes:
+            sb.close()
+    return out
+
+
+# ------------------------------------------------------------------------------ idle memory
+
+
+def process_tree(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    tree, todo = [root], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            tree.append(child)
+            todo.append(child)
+    return tree
+
+
+def pss_kib(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
+def idle_memory(bwrap: str, count: int) -> dict[str, dict[str, float]]:
+    """PSS per idle sandbox: dsec (the init's host pid and all its descendants) and bwrap
+    (`sleep` inside: outer bwrap, its pid-1 child and the payload)."""
+    out = {}
+    sandboxes: list[dsec.Sandbox] = []
+    try:
+        start = time.perf_counter()
+        for _ in tqdm(range(count), desc="idle dsec sandboxes", unit="sandbox"):
+            sb = dsec.Sandbox(**LIMITS)
+            check_ok(sb.exec(["/bin/true"]), "/bin/true")
+            sandboxes.append(sb)
+        spawn_s = time.perf_counter() - start
+        per = [pss_kib(process_tree(sb.pid)) for sb in sandboxes]
+        procs = [len(process_tree(sb.pid)) for sb in sandboxes]
+        out["dsec"] = {
+            "count": count,
+            "spawn_s": spawn_s,
+            "pss_kib_median": statistics.median(per),
+            "pss_kib_max": max(per),
+            "pss_mib_total": sum(per) / 1024,
+            "processes_per_sandbox": statistics.median(procs),
+        }
+        # The same sandboxes once each has served a run_python call: its warm interpreter stays.
+        start = time.perf_counter()
+        for sb in tqdm(sandboxes, desc="warm Python workers", unit="sandbox"):
+            check_ok(sb.run_python("pass"), "run_python")
+        warm_s = time.perf_counter() - start
+        per = [pss_kib(process_tree(sb.pid)) for sb in sandboxes]
+        procs = [len(process_tree(sb.pid)) for sb in sandboxes]
+        out["dsec_with_python_worker"] = {
+            "count": count,
+            "spawn_s": warm_s,
+            "pss_kib_median": statistics.median(per),
+            "pss_kib_max": max(per),
+            "pss_mib_total": sum(per) / 1024,
+            "processes_per_sandbox": statistics.median(procs),
+        }
+    finally:
+        for sb in sandboxes:
+            sb.close()
+
+    base = bwrap_argv(bwrap)
+    procs_b: list[subprocess.Popen] = []
+    try:
+        start = time.perf_counter()
+        for _ in tqdm(range(count), desc="idle bwrap sandboxes", unit="sandbox"):
+            procs_b.append(subprocess.Popen([*base, "sleep", "600"], stdin=subprocess.DEVNULL))
+        spawn_s = time.perf_counter() - start
+        time.sleep(1.0)  # let every bwrap reach its payload
+        per = [pss_kib(process_tree(p.pid)) for p in procs_b]
+        out["bwrap"] = {
+            "count": count,
+            "spawn_s": spawn_s,
+            "pss_kib_median": statistics.median(per),
+            "pss_kib_max": max(per),
+            "pss_mib_total": sum(per) / 1024,
+            "processes_per_sandbox": statistics.median(len(process_tree(p.pid)) for p in procs_b),
+        }
+    finally:
+        for p in procs_b:
+            p.kill()
+        for p in procs_b:
+            p.wait()
+    return out
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def targets(lat: dict, conc: dict, idle: dict) -> list[dict]:
+    med = {name: s["median"] for name, s in lat.items()}
+    bw_true, bw_py = med["bwrap /bin/true"], med["bwrap python3 -c pass"]
+    conc_ratio = statistics.median(conc["dsec"]) / statistics.median(conc["bwrap"])
+    pss_mib = idle["dsec"]["pss_kib_median"] / 1024
+    rows = [
+        (
+            "create + exec /bin/true + close (cold)",
+            "median <= 1.0x bwrap /bin/true",
+            med["dsec cold: create + exec /bin/true + close"] / bw_true,
+            "x",
+            lambda v: v <= 1.0,
+        ),
+        (
+            "exec /bin/true in a live sandbox",
+            "median <= 0.3x bwrap /bin/true",
+            med["dsec exec /bin/true (live sandbox)"] / bw_true,
+            "x",
+            lambda v: v <= 0.3,
+        ),
+        (
+            "run_python('pass') in a live sandbox",
+            "median <= 0.25x bwrap python3 -c pass",
+            med["dsec run_python('pass') (live sandbox)"] / bw_py,
+            "x",
+            lambda v: v <= 0.25,
+        ),
+        (
+            "execs/s, 4 concurrent sandboxes",
+            ">= 2x bwrap with 4 concurrent launchers",
+            conc_ratio,
+            "x",
+            lambda v: v >= 2.0,
+        ),
+        (
+            f"{idle['dsec']['count']} idle sandboxes",
+            "PSS per sandbox <= 2 MiB",
+            pss_mib,
+            " MiB",
+            lambda v: v <= 2.0,
+        ),
+    ]
+    out = [
+        {
+            "case": case,
+            "target": target,
+            "measured": round(value, 3),
+            "unit": unit.strip(),
+            "pass": bool(ok(value)),
+        }
+        for case, target, value, unit, ok in rows
+    ]
+    warm = idle["dsec_with_python_worker"]["pss_kib_median"] / 1024
+    out.append(
+        {
+            "case": "idle sandboxes after one run_python (warm worker kept)",
+            "target": "reported",
+            "measured": round(warm, 3),
+            "unit": "MiB",
+            "pass": None,
+        }
+    )
+    return out
+
+
+def print_report(lat: dict, conc: dict, idle: dict, rows: list[dict]) -> None:
+    console = Console()
+    table = Table(title="latency (ms), interleaved in one run")
+    for col in ("case", "min", "p10", "median", "p99"):
+        table.add_column(col, justify="left" if col == "case" else "right")
+    for name, s in lat.items():
+        table.add_row(name, *(f"{s[k]:.2f}" for k in ("min", "p10", "median", "p99")))
+    console.print(table)
+    table = Table(title="throughput (execs/s) and idle memory")
+    table.add_column("measure")
+    table.add_column("bwrap", justify="right")
+    table.add_column("dsec", justify="right")
+    table.add_column("dsec + warm Python", justify="right")
+    table.add_row(
+        "execs/s, 4 workers (median of repeats)",
+        f"{statistics.median(conc['bwrap']):.0f}",
+        f"{statistics.median(conc['dsec']):.0f}",
+        "",
+    )
+    kinds = ("bwrap", "dsec", "dsec_with_python_worker")
+    for key, label in (
+        ("pss_kib_median", "PSS per idle sandbox (KiB, median)"),
+        ("processes_per_sandbox", "processes per sandbox"),
+        ("spawn_s", "time to start them all (s)"),
+    ):
+        digits = 2 if key == "spawn_s" else 1
+        table.add_row(label, *(f"{idle[k][key]:.{digits}f}" for k in kinds))
+    console.print(table)
+    table = Table(title="targets")
+    for col in ("case", "target", "measured", "result"):
+        table.add_column(col)
+    for row in rows:
+        verdict = {True: "[green]PASS[/green]", False: "[red]MISS[/red]", None: "info"}[row["pass"]]
+        table.add_row(
+            row["case"],
+            row["target"],
+            f"{row['measured']}{row['unit'] and ' ' + row['unit']}",
+            verdict,
+        )
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=200, help="latency rounds (default 200)")
+    parser.add_argument("--warmup", type=int, default=5, help="warm-up rounds (default 5)")
+    parser.add_argument("--workers", type=int, default=4, help="concurrent launchers (default 4)")
+    parser.add_argument(
+        "--throughput-seconds",
+        type=float,
+        default=3.0,
+        help="seconds per throughput measurement (default 3)",
+    )
+    parser.add_argument(
+        "--throughput-repeats",
+        type=int,
+        default=3,
+        help="bwrap/dsec throughput pairs, alternated (default 3)",
+    )
+    parser.add_argument("--idle", type=int, default=200, help="idle sandboxes (default 200)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON output path")
+    args = parser.parse_args(argv)
+    for name in ("rounds", "workers", "throughput_repeats", "idle"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0 or args.throughput_seconds <= 0:
+        parser.error("--warmup must be >= 0 and --throughput-seconds > 0")
+
+    bwrap = ensure_bwrap()
+    with contextlib.suppress(OSError):
+        os.nice(-15)  # as in SANDBOX.md §6; harmless where not permitted
+    load_before = os.getloadavg()
+    lat = latency(bwrap, args.rounds, args.warmup)
+    conc = concurrency(bwrap, args.workers, args.throughput_seconds, args.throughput_repeats)
+    idle = idle_memory(bwrap, args.idle)
+    rows = targets(lat, conc, idle)
+    print_report(lat, conc, idle, rows)
+
+    report = {
+        "machine": {
+            "kernel": platform.release(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "bwrap": subprocess.run(
+                [bwrap, "--version"], capture_output=True, text=True
+            ).stdout.strip(),
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+        },
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "bwrap_argv": bwrap_argv(bwrap),
+        "sandbox_limits": LIMITS,
+        "latency_ms": lat,
+        "throughput_execs_per_s": conc,
+        "idle": idle,
+        "targets": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
