@@ -206,6 +206,35 @@ _REMEDIES = {
     "cgroup": "mount cgroup v2 with the memory and pids controllers delegated "
     "(cgroup.subtree_control), or cgroup v1 memory and pids hierarchies writable by this user",
 }
+_CGROUP_DENIED = (
+    "give this user a cgroup of its own: run as root, or delegate a subtree (cgroup v2: chown the "
+    "directory and its cgroup.procs, enable memory and pids in the parent's cgroup.subtree_control; "
+    "cgroup v1: chown a directory in the memory and pids hierarchies)"
+)
+
+
+def remedies(report: dict[str, Any], problems: list[str]) -> list[str]:
+    """What to change, one line per missing feature, named after the setting that controls it."""
+    out = []
+    cgroup_denied = any("cgroup" in p and "ermission denied" in p for p in problems)
+    if cgroup_denied:
+        out.append(_CGROUP_DENIED)
+    for key, remedy in _REMEDIES.items():
+        if key not in report or report[key] not in (False, None):
+            continue
+        if key == "landlock_enforced" and report.get("landlock_abi"):
+            if not cgroup_denied:
+                out.append(
+                    f"landlock is available (ABI {report['landlock_abi']}) but a test sandbox "
+                    "could not confirm it is enforced: see the problems above"
+                )
+            continue
+        if key == "cgroup" and cgroup_denied:
+            continue
+        out.append(f"{_LABELS[key]}: {remedy}")
+    return out
+
+
 _LABELS = {
     "user_ns": "user namespace",
     "pid_ns": "pid namespace",
@@ -228,7 +257,7 @@ def _fmt_value(value: Any) -> str:
     if value is False or value is None:
         return "NO"
     if isinstance(value, dict):
-        return " ".join(f"{k}={_fmt_value(v)}" for k, v in value.items())
+        return " ".join(f"{k}={_fmt_value(v)}" for k, v in value.items()) or "-"
     return str(value)
 
 
@@ -248,11 +277,10 @@ def cmd_check() -> int:
     print(f"{_LABELS['enforced']:<{width}}  {_fmt_value(enforced)}")
     for problem in problems:
         print(f"problem: {problem}", file=sys.stderr)
-    missing = [k for k in _REMEDIES if k in report and report[k] in (False, None)]
-    for key in missing:
-        print(f"to fix {_LABELS[key]}: {_REMEDIES[key]}", file=sys.stderr)
+    for remedy in remedies(report, problems):
+        print(f"to fix: {remedy}", file=sys.stderr)
     if not enforced:
-        print("the default sandbox policy cannot be enforced on this kernel", file=sys.stderr)
+        print("the default sandbox policy cannot be enforced on this host", file=sys.stderr)
         return 1
     return 0
 

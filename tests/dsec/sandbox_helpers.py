@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import threading
@@ -216,3 +217,19 @@ def host_syscall_probe(names: list[str] | None = None) -> dict[str, str]:
         check=True,
     )
     return json.loads(result.stdout)
+
+
+# ---------------------------------------------------------------- unprivileged callers
+
+NOBODY = 65534
+
+
+def as_nobody(*args: str) -> list[str] | None:
+    """argv running `python args...` as uid/gid 65534 with no capabilities, or None where that is
+    impossible here (not root, no setpriv, or the checkout is not readable by that user)."""
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        return None
+    prefix = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable]
+    probe = subprocess.run([*prefix, "-c", "import dsec"], capture_output=True, timeout=60)
+    return None if probe.returncode != 0 else [*prefix, *args]

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from sandbox_helpers import as_nobody
 
 from dsec.cli import parse_count, parse_seconds, parse_size
 
@@ -120,3 +121,18 @@ def test_check_reports_every_default_protection_enforced():
     ):
         line = next((line for line in out.splitlines() if line.startswith(label)), None)
         assert line is not None and not line.rstrip().endswith("NO"), (label, out)
+
+
+def test_check_as_an_unprivileged_user_names_what_to_change():
+    argv = as_nobody("-m", "dsec", "check")
+    if argv is None:
+        pytest.skip("needs root, setpriv and a checkout readable by uid 65534")
+    proc = subprocess.run(argv, capture_output=True, timeout=60)
+    err = proc.stderr.decode()
+    if proc.returncode == 0:
+        # A host that delegates cgroups to everyone can sandbox unprivileged callers.
+        assert "default policy enforceable  yes" in proc.stdout.decode()
+        return
+    assert proc.returncode == 1, err
+    assert "to fix: " in err and "cannot be enforced" in err, err
+    assert "cgroup" in err, err  # on these machines: no cgroup for an unprivileged user

@@ -8,6 +8,7 @@ side is the unprivileged variant (its uid maps to an unprivileged host uid), so 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
@@ -22,6 +23,7 @@ from sandbox_helpers import (
     HOST_SECRET_VAR,
     LIMITS,
     Background,
+    as_nobody,
     descendants,
     find_by_marker,
     gone_or_zombie,
@@ -291,3 +293,35 @@ def test_10_sandbox_does_not_outlive_its_owner():
         if owner.poll() is None:
             owner.kill()
             owner.wait()
+
+
+UNPRIVILEGED = textwrap.dedent(
+    """
+    import json
+    import dsec
+    try:
+        with dsec.Sandbox(timeout=10.0) as sb:
+            status = sb.exec(['cat', '/proc/self/status']).stdout.decode()
+    except dsec.SandboxSetupError as exc:
+        print(json.dumps({'refused': str(exc)}))
+    else:
+        f = dict(l.split(':', 1) for l in status.splitlines())
+        print(json.dumps({k: f[k].strip() for k in ('CapEff', 'NoNewPrivs', 'Seccomp')}))
+    """
+)
+
+
+def test_unprivileged_caller_is_sandboxed_or_refused():
+    """The unprivileged variant (SANDBOX.md §3 preamble, requirement 12): started by uid 65534, a
+    sandbox either holds the full posture or raises SandboxSetupError; it never runs the command
+    unsandboxed. On these machines it is refused (no cgroup for that user)."""
+    argv = as_nobody("-c", UNPRIVILEGED)
+    if argv is None:
+        pytest.skip("needs root, setpriv and a checkout readable by uid 65534")
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "refused" in got:
+        assert any(w in got["refused"] for w in ("cgroup", "namespace", "landlock")), got
+    else:
+        assert got == {"CapEff": "0000000000000000", "NoNewPrivs": "1", "Seccomp": "2"}
