@@ -12,6 +12,7 @@ import hashlib
 import os
 import socket
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -426,3 +427,64 @@ def test_37_sandbox_cannot_alter_the_image_seen_by_the_next(make_sandbox):
     assert result.exit_code == 0, describe(result)
     assert result.stdout.split()[0].decode() == before
     assert hashlib.sha256(python.read_bytes()).hexdigest() == before
+
+
+def _bounded(fn, limit: float = 20.0):
+    """Run fn on a thread; ("hang", None) if it is still running after `limit` seconds."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(limit)
+    if thread.is_alive():
+        return "hang", None
+    return ("error", box["error"]) if "error" in box else ("value", box["value"])
+
+
+def test_18_file_api_resists_hostile_files(fresh_sandbox):
+    """Files the payload plants for the host-side file API: a FIFO (an open would block the
+    caller forever), device nodes (endless reads), links into the read-only image, /proc/1/mem,
+    a symlink loop, /proc/self (which must not mean the caller's process)."""
+    sb = fresh_sandbox
+    python = Path("/usr/bin/python3").resolve()
+    before = hashlib.sha256(python.read_bytes()).hexdigest()
+    setup = sh(
+        sb,
+        "cd /workspace && mkfifo fifo && ln -s ../dev/zero zero && ln -s ../proc/1/mem mem"
+        f" && ln -s ..{python} python && ln -s loop loop",
+    )
+    assert setup.exit_code == 0, describe(setup)
+    for path in (
+        "/workspace/fifo",
+        "/dev/zero",
+        "/dev/urandom",
+        "/workspace/zero",
+        "/workspace/mem",
+        "/workspace/loop",
+        "/proc/1/environ",
+        "/proc/1/mem",
+    ):
+        kind, got = _bounded(lambda p=path: sb.read_file(p))
+        assert kind == "error" and isinstance(got, dsec.PathError), (path, kind, got)
+    for path in (
+        "/workspace/fifo",
+        "/workspace/python",
+        "/usr/bin/dsec-evil",
+        "/etc/passwd",
+        "/proc/sys/kernel/hostname",
+        "/dev/zero",
+    ):
+        kind, got = _bounded(lambda p=path: sb.write_file(p, b"evil"))
+        assert kind == "error" and isinstance(got, dsec.PathError), (path, kind, got)
+    kind, got = _bounded(lambda: sb.read_file("/proc/self/environ"))
+    assert kind != "hang"
+    assert kind == "error" or HOST_SECRET.encode() not in got, "host environment leaked"
+    assert hashlib.sha256(python.read_bytes()).hexdigest() == before
+    assert not Path("/usr/bin/dsec-evil").exists()
+    assert sb.exec(["echo", "alive"]).stdout == b"alive\n"
