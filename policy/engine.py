@@ -167,18 +167,25 @@ class Engine:
         gens = self._generators(b, params, first_index)
         stops = set(params.stop_token_ids)
         results = [Generation() for _ in range(b)]
-        done = [False] * b
+        active = list(range(b))  # prompt (result) index of each cache row
         logits = model.prefill(ids, lengths, cache)
         for step in range(params.max_new_tokens):
-            tok, lp = sample(logits, params, gens)
-            for r, (t, logp) in enumerate(zip(tok.tolist(), lp.tolist(), strict=True)):
-                if done[r]:
-                    continue
-                results[r].token_ids.append(t)
-                results[r].logprobs.append(logp)
+            tok, lp = sample(logits, params, [gens[r] for r in active])
+            keep = []
+            for i, (t, logp) in enumerate(zip(tok.tolist(), lp.tolist(), strict=True)):
+                res = results[active[i]]
+                res.token_ids.append(t)
+                res.logprobs.append(logp)
                 if t in stops:
-                    done[r], results[r].finish_reason = True, "stop"
-            if all(done) or step == params.max_new_tokens - 1:
+                    res.finish_reason = "stop"
+                else:
+                    keep.append(i)
+            if not keep or step == params.max_new_tokens - 1:
                 break
+            if len(keep) < len(active):  # finished rows leave the batch and the cache
+                rows = torch.tensor(keep, device=device)
+                cache.keep_rows(rows)
+                tok = tok[rows]
+                active = [active[i] for i in keep]
             logits = model.decode(tok, cache)
         return results

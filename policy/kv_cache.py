@@ -104,6 +104,16 @@ class LayerCache:
         stores = [s for s in (self.window, self.comp, self.index) if s is not None]
         return [s.data for s in stores] + self.states
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows ``rows`` [B'] (in that order)."""
+        for store in (self.window, self.comp, self.index):
+            if store is not None:
+                store.data = store.data[rows]
+        names = [n for n in ("kv_state", "sc_state", "ikv_state", "isc_state") if hasattr(self, n)]
+        for n in names:
+            setattr(self, n, getattr(self, n)[rows])
+        self.states = [getattr(self, n) for n in names]
+
 
 class KVCache:
     """Cache of every attention layer of a model (main blocks; MTP is not cached).
@@ -119,6 +129,14 @@ class KVCache:
             LayerCache(cfg, i, batch, capacity, device) for i in range(cfg.num_hidden_layers)
         ]
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Drop finished sequences: keep batch rows ``rows`` [B'] (in that order)."""
+        rows = rows.to(self.pos.device)
+        for layer in self.layers:
+            layer.keep_rows(rows)
+        self.pos = self.pos[rows]
+        self.batch = len(rows)
 
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds (entries, scales, tail states)."""

@@ -145,3 +145,17 @@ def test_context_budget_error(model):
 def test_sampling_params_validation(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_finished_rows_leave_the_batch(model):
+    """After some rows stop, the rest continue from a compacted cache with the same tokens."""
+    ref = {i: _greedy_by_full_forward(model, p, 16)[0] for i, p in enumerate(PROMPTS)}
+    stop = ref[2][2]  # row 2 stops at its third token; others may stop later or never
+    g = Engine(model, max_context=64).generate(
+        PROMPTS, SamplingParams(temperature=0, max_new_tokens=16, stop_token_ids=(stop,))
+    )
+    for i, gen in enumerate(g):
+        want = ref[i][: ref[i].index(stop) + 1] if stop in ref[i] else ref[i]
+        assert gen.token_ids == want, i
+        assert gen.finish_reason == ("stop" if stop in ref[i] else "length")
+    assert sum(gen.finish_reason == "length" for gen in g) >= 1
