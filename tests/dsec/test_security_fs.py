@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from sandbox_helpers import HOST_SECRET, LIMITS, describe, py_json, sh
+from sandbox_helpers import HOST_SECRET, LIMITS, describe, gone_or_zombie, py_json, sh, wait_for
 
 import dsec
 
@@ -488,3 +488,16 @@ def test_18_file_api_resists_hostile_files(fresh_sandbox):
     assert hashlib.sha256(python.read_bytes()).hexdigest() == before
     assert not Path("/usr/bin/dsec-evil").exists()
     assert sb.exec(["echo", "alive"]).stdout == b"alive\n"
+
+
+def test_37_pool_hands_out_no_state_of_the_previous_user():
+    with dsec.SandboxPool(1, **LIMITS) as pool:
+        with pool.sandbox() as first:
+            first_pid = first.pid
+            done = sh(first, "echo secret > /workspace/answer; echo x > /tmp/x; sleep 300 &")
+            assert done.exit_code == 0, describe(done)
+        with pool.sandbox() as second:
+            assert second.pid != first_pid
+            result = sh(second, "test ! -e /workspace/answer && test ! -e /tmp/x && echo clean")
+            assert result.stdout == b"clean\n", describe(result)
+        wait_for(lambda: gone_or_zombie([first_pid]), "the released sandbox's init to exit")
