@@ -138,6 +138,20 @@ def test_05_only_stdio_fds(payload):
         assert os.readlink(f"/proc/{payload}/fd/{fd}").startswith("pipe:"), f"fd {fd}"
 
 
+def test_05_warm_python_call_sees_only_stdio_fds(sandbox):
+    """A run_python call is a fork of the warm interpreter: none of the worker's own channels
+    may be left open in it."""
+    code = (
+        "import json, os\n"
+        "fds = [int(f) for f in os.listdir('/proc/self/fd')]\n"
+        "live = {f: os.readlink(f'/proc/self/fd/{f}') for f in fds if os.path.exists(f'/proc/self/fd/{f}')}\n"
+        "print(json.dumps(live))"
+    )
+    live = py_json(sandbox, code, warm=True)
+    assert sorted(live) == ["0", "1", "2"], live  # the listing's own fd is closed by then
+    assert live["0"] == "/dev/null"
+
+
 def _limits(pid: int) -> dict[str, tuple[str, str]]:
     out = {}
     for line in Path(f"/proc/{pid}/limits").read_text().splitlines()[1:]:

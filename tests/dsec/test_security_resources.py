@@ -299,3 +299,27 @@ def test_36_timeout_cpu_limit_and_signals_are_distinct(make_sandbox, sandbox):
     assert (termed.signal, termed.timed_out) == (signal.SIGTERM, False), describe(termed)
     failed = sh(sandbox, "exit 3")
     assert (failed.exit_code, failed.signal, failed.timed_out) == (3, None, False)
+
+
+WARM_ESCAPE = textwrap.dedent(
+    """
+    import os, subprocess, time
+    subprocess.Popen(['setsid', 'sleep', '4434.7'], stdout=subprocess.DEVNULL)
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            os.execvp('sleep', ['sleep', '4434.8'])
+        os._exit(0)
+    time.sleep(300)
+    """
+)
+
+
+def test_34_timeout_kills_the_tree_of_a_warm_python_call(timeout_sandbox):
+    sb = timeout_sandbox
+    start = time.monotonic()
+    result = sb.run_python(WARM_ESCAPE, timeout=0.5)
+    assert time.monotonic() - start < 10 and result.timed_out, describe(result)
+    for marker in ("4434.7", "4434.8"):
+        wait_for(lambda m=marker: not find_by_marker(sb.pid, m), f"'sleep {marker}' to be killed")
+    assert sb.run_python("print('alive')").stdout == b"alive\n"
