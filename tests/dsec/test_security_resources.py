@@ -77,6 +77,8 @@ def nearest_limit(pid: int, controller: str, v1_file: str, v2_file: str) -> tupl
 
 
 def test_29_cgroup_files_hold_the_configured_values(make_sandbox):
+    """memory and pids limits sit on the sandbox's cgroup. There is no CPU-rate limit to find
+    (cpu.max): `cpu_seconds` is a CPU-time budget, enforced by RLIMIT_CPU (checked in case 6)."""
     sb = make_sandbox(memory_bytes=96 << 20, max_pids=48)
     job = Background(sb, ["sleep", "4429.25"], "4429.25", timeout=60)
     try:
