@@ -187,12 +187,6 @@ class Background:
         return self.result
 
 
-def run_host_python(code: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60
-    )
-
-
 # ---------------------------------------------------------------- syscall probes
 
 TRY_SYSCALLS = (PROGRAMS / "try_syscalls.py").read_bytes()
