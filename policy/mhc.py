@@ -27,11 +27,12 @@ def sinkhorn_split(
     pre = torch.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + eps
     post = 2 * torch.sigmoid(mixes[..., n : 2 * n] * scale[1] + base[n : 2 * n])
     comb = mixes[..., 2 * n :].unflatten(-1, (n, n)) * scale[2] + base[2 * n :].view(n, n)
-    comb = comb.softmax(-1) + eps
-    comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    eps_t = torch.tensor(eps, dtype=comb.dtype, device=comb.device)  # no per-op scalar wrapping
+    comb = comb.softmax(-1) + eps_t
+    comb = comb / (comb.sum(-2, keepdim=True) + eps_t)
     for _ in range(iters - 1):
-        comb = comb / (comb.sum(-1, keepdim=True) + eps)
-        comb = comb / (comb.sum(-2, keepdim=True) + eps)
+        comb = comb / (comb.sum(-1, keepdim=True) + eps_t)
+        comb = comb / (comb.sum(-2, keepdim=True) + eps_t)
     return pre, post, comb
 
 
