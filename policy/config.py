@@ -235,7 +235,12 @@ class V4Config:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], **overrides: Any) -> V4Config:
-        """Build from a dict with official ``config.json`` keys; unknown keys are ignored."""
+        """Build from a dict with official ``config.json`` keys.
+
+        Keys that only describe the release (``quantization_config``, ``expert_dtype``,
+        ``torch_dtype``, ...) are ignored: weights are held unquantised in ``dtype`` (float32
+        unless overridden) and the KV format follows ``kv_dtype``.
+        """
         raw = dict(raw)
         for alias, key in _ALIASES.items():
             if alias in raw and key not in raw:
@@ -248,14 +253,23 @@ class V4Config:
                 "beta_fast": raw.get("beta_fast", 32),
                 "beta_slow": raw.get("beta_slow", 1),
             }
-        if raw.get("score_func", raw.get("scoring_func", "sqrtsoftplus")) != "sqrtsoftplus":
-            raise ValueError(f"scoring_func must be 'sqrtsoftplus', got {raw['scoring_func']!r}")
+        # keys of the official config whose only supported value is the V4 one
+        fixed = {
+            "scoring_func": "sqrtsoftplus",
+            "score_func": "sqrtsoftplus",
+            "topk_method": "noaux_tc",
+            "norm_topk_prob": True,
+            "hidden_act": "silu",
+            "tie_word_embeddings": False,
+            "num_key_value_heads": 1,
+        }
+        for key, want in fixed.items():
+            if key in raw and raw[key] != want:
+                raise ValueError(f"{key} must be {want!r} for DeepSeek-V4, got {raw[key]!r}")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in raw.items() if k in names}
         if "compress_ratios" in kwargs:
             kwargs["compress_ratios"] = tuple(kwargs["compress_ratios"])
-        if "num_key_value_heads" in raw and raw["num_key_value_heads"] != 1:
-            raise ValueError(f"num_key_value_heads must be 1, got {raw['num_key_value_heads']!r}")
         kwargs.setdefault("dtype", "float32")
         return cls(**{**kwargs, **overrides})
 

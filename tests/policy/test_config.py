@@ -144,3 +144,21 @@ def test_validation_names_field(field, value):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="nope"):
         V4Config.from_preset("nope")
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("scoring_func", "softmax"),
+        ("tie_word_embeddings", True),
+        ("num_key_value_heads", 8),
+        ("norm_topk_prob", False),
+        ("hidden_act", "gelu"),
+        ("topk_method", "greedy"),
+    ],
+)
+def test_from_json_rejects_unsupported(tmp_path, key, value):
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(dict(OFFICIAL_FLASH, **{key: value})))
+    with pytest.raises(ValueError, match=key):
+        V4Config.from_json(p)
