@@ -25,16 +25,17 @@ from policy.rope import apply_rope
 
 
 @functools.cache
-def _hadamard_cpu(n: int) -> torch.Tensor:
+def _hadamard_matrix(n: int, device: torch.device) -> torch.Tensor:
+    """Normalised Sylvester Hadamard matrix [n, n] (n a power of two), fp32, on ``device``."""
     h = torch.ones(1, 1)
     while h.shape[0] < n:
         h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
-    return h / n**0.5
+    return (h / n**0.5).to(device)
 
 
 def hadamard(x: torch.Tensor) -> torch.Tensor:
     """Normalised Walsh-Hadamard rotation of the last dim (power of two), in fp32."""
-    return x.float() @ _hadamard_cpu(x.shape[-1]).to(x.device)
+    return x.float() @ _hadamard_matrix(x.shape[-1], x.device)
 
 
 def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
