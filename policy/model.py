@@ -157,6 +157,11 @@ class V4Model(nn.Module):
             logits [B, S, V] fp32 (and mtp_logits when asked).
         """
         b, s = input_ids.shape
+        if s > self.cfg.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {s} exceeds max_position_embeddings "
+                f"{self.cfg.max_position_embeddings}"
+            )
         pos = torch.arange(s, device=input_ids.device).expand(b, s)
         x = self._streams(input_ids, pos)
         logits = self._head(x)
