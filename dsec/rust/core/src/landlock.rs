@@ -1,8 +1,8 @@
 //! The landlock ruleset as data and its application with the raw landlock system calls.
 //! Read-only: the image and /dev, /proc; read-write: /workspace, /tmp, /dev/shm and the
-//! writable device nodes. TCP bind/connect is handled (denied) without network; abstract unix
-//! sockets and signals are scoped to the domain (ABI >= 6), so a sandboxed process cannot
-//! signal the init.
+//! writable device nodes. TCP is left to the network namespace (a private netns has only
+//! loopback, which sandboxed servers may use). Abstract unix sockets and signals are scoped to
+//! the domain (ABI >= 6), so a sandboxed process cannot signal the init.
 
 use std::io;
 use std::os::fd::RawFd;
@@ -143,10 +143,10 @@ pub fn abi_version() -> u32 {
 }
 
 /// Creates the ruleset fd for `abi` (> 0). Call before forking children that apply it.
-pub fn create_ruleset(abi: u32, network: bool) -> io::Result<RawFd> {
+pub fn create_ruleset(abi: u32) -> io::Result<RawFd> {
     let attr = RulesetAttr {
         fs: handled_fs(abi),
-        net: if abi >= 4 && !network { 3 } else { 0 },
+        net: 0,
         scoped: if abi >= 6 { 3 } else { 0 },
     };
     let size = if abi >= 6 {

@@ -130,8 +130,8 @@ fn setup(p: &Policy) -> Result<State, String> {
         }
         -1
     } else {
-        let fd = crate::landlock::create_ruleset(abi, p.network)
-            .map_err(|e| format!("landlock ruleset: {e}"))?;
+        let fd =
+            crate::landlock::create_ruleset(abi).map_err(|e| format!("landlock ruleset: {e}"))?;
         // Keep it clear of the low fds children rewire (the python worker's fd 3).
         // SAFETY: duplicating an fd we own.
         let high = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 20) };

@@ -1,0 +1,125 @@
+"""Type stubs of the compiled module `dsec._native` (import the API from `dsec`)."""
+
+from os import PathLike
+from typing import Any, final
+
+INIT_BINARY_BYTES: int
+
+class SandboxError(Exception):
+    """Base class of every dsec error."""
+
+class SandboxSetupError(SandboxError):
+    """The sandbox could not be created with the requested isolation."""
+
+class PolicyError(SandboxError, ValueError):
+    """An invalid limit or argument (also a ValueError); the message names the field and value."""
+
+class PathError(SandboxError):
+    """A file API path is invalid, escapes the sandbox root, or cannot be read/written."""
+
+class SandboxClosedError(SandboxError):
+    """The sandbox is closed."""
+
+@final
+class ExecResult:
+    """The result of one `exec` or `run_python` call. A failing program is data, not an error."""
+
+    @property
+    def exit_code(self) -> int | None:
+        """Exit status when the program exited normally, else None."""
+    @property
+    def signal(self) -> int | None:
+        """Signal that killed the program (9 on timeout), else None."""
+    @property
+    def stdout(self) -> bytes:
+        """Captured stdout: all of it, or head and tail halves of `max_output_bytes`."""
+    @property
+    def stderr(self) -> bytes:
+        """Captured stderr, bounded like stdout."""
+    @property
+    def timed_out(self) -> bool:
+        """The wall-clock timeout fired; the call's whole process tree was killed."""
+    @property
+    def oom_killed(self) -> bool:
+        """The kernel OOM-killed a process of the sandbox during the call."""
+    @property
+    def stdout_truncated(self) -> bool: ...
+    @property
+    def stderr_truncated(self) -> bool: ...
+    @property
+    def stdout_total(self) -> int:
+        """Bytes the program wrote to stdout (kept or not)."""
+    @property
+    def stderr_total(self) -> int: ...
+    @property
+    def wall_time(self) -> float:
+        """Seconds from start to the end of the call."""
+    @property
+    def cpu_time(self) -> float:
+        """User + system CPU seconds of the call's process tree."""
+    @property
+    def peak_memory(self) -> int:
+        """Peak memory of the sandbox's cgroup during the call, bytes (best effort)."""
+    @property
+    def ok(self) -> bool:
+        """exit_code == 0 and not timed_out."""
+
+class Sandbox:
+    """A persistent sandbox (namespaces, read-only root, seccomp, landlock, cgroup).
+
+    Defaults: memory_bytes=512 MiB, max_pids=256, cpu_seconds=None (unlimited, per call),
+    timeout=30.0 s, max_output_bytes=1 MiB per stream, disk_bytes=256 MiB (/workspace and /tmp
+    each), max_open_files=1024, network=False (private loopback-only netns), image=None (the
+    host's /usr, /bin, /lib*), env=None, require_landlock=True (refuse to start without it).
+    Invalid values raise PolicyError naming the field.
+    """
+
+    def __new__(
+        cls,
+        *,
+        memory_bytes: int | None = None,
+        max_pids: int | None = None,
+        cpu_seconds: float | None = None,
+        timeout: float | None = None,
+        max_output_bytes: int | None = None,
+        disk_bytes: int | None = None,
+        max_open_files: int | None = None,
+        network: bool | None = None,
+        image: str | PathLike[str] | None = None,
+        env: dict[str, str] | None = None,
+        require_landlock: bool | None = None,
+    ) -> Sandbox: ...
+    def exec(
+        self,
+        cmd: str | list[str] | tuple[str, ...],
+        *,
+        timeout: float | None = None,
+        stdin: bytes | bytearray | str | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> ExecResult:
+        """Runs `cmd` (str: via /bin/sh -c; list: argv, PATH-searched). stdin is /dev/null
+        unless data is given; cwd defaults to /workspace (relative: beneath it). The call
+        returns at the deadline with the whole process tree killed."""
+    def run_python(self, code: str | bytes, *, timeout: float | None = None) -> ExecResult:
+        """Runs Python source in the sandbox's warm interpreter; each call is a fresh fork."""
+    def read_file(self, path: str | PathLike[str]) -> bytes:
+        """Reads a regular file beneath the sandbox root (relative paths: beneath /workspace)."""
+    def write_file(self, path: str | PathLike[str], data: bytes | bytearray | str) -> None:
+        """Creates or replaces a regular file beneath the sandbox root; PathError when the
+        path escapes the root, is read-only, or its directory does not exist."""
+    def close(self) -> None:
+        """Kills every process of the sandbox and removes its mounts and cgroup. Idempotent."""
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def pid(self) -> int:
+        """Host pid of the sandbox's init (pid 1 inside)."""
+    @property
+    def limits(self) -> dict[str, Any]:
+        """The effective limits."""
+    def __enter__(self) -> Sandbox: ...
+    def __exit__(self, *args: object) -> bool: ...
+
+def check() -> dict[str, Any]:
+    """Probes which isolation features this kernel enforces (creates one real sandbox)."""
