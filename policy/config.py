@@ -211,6 +211,7 @@ class V4Config:
 
     @property
     def torch_dtype(self):
+        """The torch dtype named by ``dtype`` (torch is imported lazily)."""
         import torch
 
         return getattr(torch, self.dtype)
