@@ -12,6 +12,10 @@ Seeding: with ``seed`` set, prompt i of a ``generate`` call draws its uniforms f
 generator seeded with ``seed + i``, so its tokens do not depend on ``max_batch`` or on the other
 prompts (up to float-reordering noise in batched logits, which would have to move a uniform
 across a CDF boundary). Without a seed the generators are seeded from torch's global RNG.
+
+Batching: prompts of different lengths are right-padded and prefilled together (one causal
+forward; each row's cache takes only its own tokens), then decoded one token per row at per-row
+positions. A row that samples a stop token leaves the batch and the cache.
 """
 
 from __future__ import annotations
