@@ -111,3 +111,25 @@ def test_close_from_another_thread_waits_for_the_call_in_flight():
     sb.close()
     t.join()
     assert sb.closed and box and box[0].stdout == b"done\n"
+
+
+def test_forked_child_cannot_use_or_tear_down_the_parents_sandbox():
+    with dsec.Sandbox() as sb:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 0
+            try:
+                sb.exec("true")
+            except dsec.SandboxError as e:
+                code = 0 if "fork" in str(e) else 2
+            else:
+                code = 3
+            sb.close()  # must not affect the parent's sandbox
+            os.write(w, bytes([code]))
+            os._exit(0)
+        os.close(w)
+        os.waitpid(pid, 0)
+        assert os.read(r, 1) == b"\x00"
+        os.close(r)
+        assert sb.exec("echo alive").stdout == b"alive\n"

@@ -93,6 +93,8 @@ pub struct Sandbox {
     inner: Mutex<Inner>,
     policy: Policy,
     pid: u32,
+    /// The process that created the sandbox; a forked copy must not use or tear it down.
+    owner: u32,
 }
 
 impl Sandbox {
@@ -174,6 +176,7 @@ impl Sandbox {
             }),
             policy,
             pid,
+            owner: std::process::id(),
         })
     }
 
@@ -200,6 +203,13 @@ impl Sandbox {
     /// process in its pid namespace, the outer init removes the cgroup. Idempotent.
     pub fn close(&self) {
         let mut g = self.lock();
+        if std::process::id() != self.owner {
+            // A forked copy: drop our descriptors only; the owner's sandbox lives on.
+            g.sock = None;
+            g.child = None;
+            g.cg = None;
+            return;
+        }
         Self::teardown(&mut g);
     }
 
@@ -217,6 +227,11 @@ impl Sandbox {
 
     fn call(&self, body: &[u8], timeout: f64, accounting: bool) -> Result<(Vec<u8>, u64, u64)> {
         let mut g = self.lock();
+        if std::process::id() != self.owner {
+            return Err(Error::Sandbox(
+                "this sandbox belongs to the process that created it (used after fork)".into(),
+            ));
+        }
         let Some(sock) = g.sock.as_mut() else {
             return Err(Error::Closed);
         };
