@@ -65,6 +65,13 @@ def test_files_persist_across_calls_not_across_sandboxes(sb):
         assert other.exec("test -e /workspace/notes.txt").exit_code == 1
 
 
+def test_file_api_reaches_files_the_sandbox_locked(sb):
+    sb.exec("echo s > locked; chmod 000 locked; mkdir -p shut; chmod 000 shut")
+    assert sb.read_file("locked") == b"s\n"
+    sb.write_file("shut/inner", "in")
+    assert sb.read_file("shut/inner") == b"in"
+
+
 def test_run_python_is_warm_and_isolated_per_call(sb):
     r = sb.run_python("x = 41\nprint(x + 1)")
     assert r.exit_code == 0 and r.stdout == b"42\n"

@@ -75,6 +75,18 @@ fn posture() {
     assert_eq!(get("CapBnd:"), "0000000000000000");
     assert_eq!(get("NoNewPrivs:"), "1");
     assert_eq!(get("Seccomp:"), "2");
+    // The init keeps only the capabilities it needs, inside its own user namespace.
+    let init = std::fs::read_to_string(format!("/proc/{}/status", sb.pid())).unwrap();
+    let eff = init
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_eq!(
+        u64::from_str_radix(&eff, 16).unwrap(),
+        (1 << 21) | (1 << 8) | 0b1110
+    );
     let map = std::fs::read_to_string(format!("/proc/{}/uid_map", sb.pid())).unwrap();
     assert_eq!(
         map.split_whitespace().collect::<Vec<_>>(),

@@ -61,6 +61,37 @@ fn loopback_up() -> Result<(), String> {
     Ok(())
 }
 
+/// Capabilities the init keeps (inside its own user namespace) after setup: SYS_ADMIN (21) to
+/// create the per-call pid namespaces, SETPCAP (8) so children can drop their bounding set
+/// and lock securebits, DAC_OVERRIDE (1), DAC_READ_SEARCH (2) and FOWNER (3) so the file API
+/// reaches files the sandbox chmod-ed. Everything else leaves the bounding, permitted and
+/// effective sets.
+pub const INIT_CAPS: [u32; 5] = [21, 8, 1, 2, 3];
+
+fn keep_only_needed_caps(cap_last: u32) -> Result<(), String> {
+    let mut mask = [0u32; 2];
+    for c in INIT_CAPS {
+        mask[(c / 32) as usize] |= 1 << (c % 32);
+    }
+    for cap in 0..=cap_last {
+        if !INIT_CAPS.contains(&cap) {
+            // SAFETY: prctl with integer arguments.
+            cvt(unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) })
+                .map_err(|e| format!("drop capability {cap} from the bounding set: {e}"))?;
+        }
+    }
+    #[repr(C)]
+    struct Hdr(u32, i32);
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data(u32, u32, u32);
+    let hdr = Hdr(0x2008_0522, 0);
+    let data = [Data(mask[0], mask[0], 0), Data(mask[1], mask[1], 0)];
+    // SAFETY: valid capability header and two data entries (version 3).
+    let r = unsafe { libc::syscall(libc::SYS_capset, &hdr as *const Hdr, data.as_ptr()) };
+    cvt(r).map(|_| ()).map_err(|e| format!("capset: {e}"))
+}
+
 fn setup(p: &Policy) -> Result<State, String> {
     let m = |e: std::io::Error| e.to_string();
     // SAFETY: mount propagation change in our private mount namespace.
@@ -151,6 +182,7 @@ fn setup(p: &Policy) -> Result<State, String> {
         .into_iter()
         .filter_map(|e| CString::new(e).ok())
         .collect();
+    keep_only_needed_caps(cap_last)?;
     Ok(State {
         conf: Confinement {
             filters,
