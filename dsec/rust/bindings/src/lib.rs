@@ -3,6 +3,8 @@
 //! blocking call, maps the core error enum onto one exception tree, and turns panics into
 //! `SandboxError`.
 
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+
 use dsec_core::check as probe;
 use dsec_core::host::{ExecOutput, ExecRequest, InitImage, Sandbox};
 use dsec_core::{Error, Policy};

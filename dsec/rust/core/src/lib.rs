@@ -3,6 +3,8 @@
 //! Layers: [`policy`] (plain data), pure builders ([`seccomp`], [`landlock`], [`mounts`]),
 //! the host side ([`host`], [`cgroup`], [`wire`]) and the in-sandbox [`init`].
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod capture;
 pub mod cgroup;
 pub mod check;
