@@ -160,11 +160,6 @@ LOOPBACK_INSIDE = textwrap.dedent(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: the landlock ruleset refuses every TCP bind/connect, loopback included "
-    "(EACCES); remove this mark once loopback servers work inside the sandbox",
-)
 def test_21_loopback_works_inside(sandbox):
     for warm in (False, True):
         got = py_json(sandbox, LOOPBACK_INSIDE, warm=warm)
@@ -186,9 +181,8 @@ def test_21_host_loopback_and_abstract_sockets_unreachable(sandbox, host_servers
             """
         ),
     )
-    # The host's loopback is another netns's: nothing listens on the sandbox's (ECONNREFUSED),
-    # or the landlock TCP rules refuse the connect first (EACCES).
-    assert got["host_tcp"] in ("ECONNREFUSED", "EACCES"), got
+    # The host's loopback is another netns's: nothing listens on the sandbox's own loopback.
+    assert got["host_tcp"] == "ECONNREFUSED", got
     assert got["host_abstract"] == "ECONNREFUSED", got
     result = sandbox.exec(["bash", "-c", f"echo x > /dev/tcp/127.0.0.1/{host_servers.port}"])
     assert result.exit_code == 1, describe(result)
