@@ -86,8 +86,18 @@ pub fn probe(image: &InitImage) -> Report {
     let sb = match Sandbox::new(Policy::default(), image) {
         Ok(s) => s,
         Err(e) => {
+            let msg = e.to_string();
+            let hint = if msg.contains("mount") && msg.contains("proc") {
+                " (a fresh /proc cannot be mounted while the host's /proc has masked entries, as \
+                 in default Docker containers: run with --security-opt systempaths=unconfined)"
+            } else if msg.contains("clone") {
+                " (new namespaces are refused: check user.max_user_namespaces and the seccomp or \
+                 AppArmor profile of the container)"
+            } else {
+                ""
+            };
             r.problems
-                .push(format!("cannot create a default sandbox: {e}"));
+                .push(format!("cannot create a default sandbox: {msg}{hint}"));
             return r;
         }
     };

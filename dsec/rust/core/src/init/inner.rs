@@ -138,6 +138,7 @@ fn setup(p: &Policy) -> Result<State, String> {
             .collect(),
         etc_entries: ETC_BINDS
             .iter()
+            .chain(p.network.then_some(&"resolv.conf"))
             .map(|n| (*n, mounts::probe(&format!("{image}/etc/{n}"))))
             .collect(),
         disk_bytes: p.disk_bytes,
