@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -156,3 +157,13 @@ def test_check_reports_enforced_protections():
     assert info["cgroup"] in ("v1", "v2")
     assert info["enforced"] is True, info["problems"]
     assert info["posture"]["CapEff"] == "0000000000000000"
+
+
+def test_init_leaves_the_owners_session():
+    """A terminal Ctrl-C (SIGINT to the foreground group) must not kill sandboxes."""
+    with dsec.Sandbox() as s:
+        stat = Path(f"/proc/{s.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        outer = int(stat[1])
+        outer_stat = Path(f"/proc/{outer}/stat").read_text().rsplit(")", 1)[1].split()
+        assert int(outer_stat[2]) != os.getpgid(0)
+        assert int(outer_stat[3]) != os.getsid(0)

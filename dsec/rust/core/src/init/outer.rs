@@ -60,7 +60,7 @@ fn remove_cgroups(cgroups: &[(Vec<u8>, Vec<u8>)]) {
     let me = format!("{}", std::process::id());
     for (dir, parent) in cgroups {
         let _ = write_path(&format!("{}/cgroup.procs", s(parent)), me.as_bytes());
-        for _ in 0..200 {
+        for _ in 0..1000 {
             match std::fs::remove_dir(s(dir)) {
                 Ok(()) => break,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
@@ -72,6 +72,11 @@ fn remove_cgroups(cgroups: &[(Vec<u8>, Vec<u8>)]) {
 
 /// Runs the outer part; returns the process exit code.
 pub fn run() -> i32 {
+    // Leave the owner's session and process group: a terminal's Ctrl-C or a killpg aimed at
+    // the owner must not kill the init behind its back (the owner's death still ends the
+    // sandbox through the control socket).
+    // SAFETY: setsid has no preconditions.
+    unsafe { libc::setsid() };
     let mut ctrl = ManuallyDrop::new(unsafe { File::from_raw_fd(0) });
     let cfg = match wire::read_frame(&mut *ctrl).map(|b| b.map(|b| Config::decode(&b))) {
         Ok(Some(Ok(c))) => c,
