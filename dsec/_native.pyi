@@ -100,7 +100,8 @@ class Sandbox:
     ) -> ExecResult:
         """Runs `cmd` (str: via /bin/sh -c; list: argv, PATH-searched). stdin is /dev/null
         unless data is given; cwd defaults to /workspace (relative: beneath it). The call
-        returns at the deadline with the whole process tree killed."""
+        returns at the deadline with the whole process tree killed. Ctrl-C (KeyboardInterrupt)
+        cancels the call inside the sandbox and is re-raised; the sandbox stays usable."""
     def run_python(self, code: str | bytes, *, timeout: float | None = None) -> ExecResult:
         """Runs Python source in the sandbox's warm interpreter; each call is a fresh fork."""
     def read_file(self, path: str | PathLike[str]) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import threading
 from pathlib import Path
 
@@ -167,3 +168,20 @@ def test_init_leaves_the_owners_session():
         outer_stat = Path(f"/proc/{outer}/stat").read_text().rsplit(")", 1)[1].split()
         assert int(outer_stat[2]) != os.getpgid(0)
         assert int(outer_stat[3]) != os.getsid(0)
+
+
+@pytest.mark.parametrize("kind", ["exec", "python"])
+def test_ctrl_c_cancels_the_call_and_keeps_the_sandbox(sb, kind):
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            if kind == "exec":
+                sb.exec("sleep 60; echo finished", timeout=60)
+            else:
+                sb.run_python("import time; time.sleep(60)", timeout=60)
+    finally:
+        timer.cancel()
+    assert not sb.closed
+    assert sb.exec("echo usable").stdout == b"usable\n"
+    assert sb.exec("ps -e -o comm= | grep -c sleep || true").stdout == b"0\n"

@@ -13,7 +13,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyString, PyTuple, PyType};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// The init binary, built by build.rs and executed from a sealed memfd.
 static INIT: &[u8] = include_bytes!(env!("DSEC_INIT_PATH"));
@@ -81,7 +81,35 @@ fn to_py(py: Python<'_>, e: Error) -> PyErr {
         Error::Path(m) => PathError::new_err(m),
         Error::Setup(_) => SandboxSetupError::new_err(e.to_string()),
         Error::Closed => SandboxClosedError::new_err("the sandbox is closed"),
+        Error::Interrupted => pyo3::exceptions::PyKeyboardInterrupt::new_err("call interrupted"),
         Error::Sandbox(_) => SandboxError::new_err(e.to_string()),
+    }
+}
+
+/// Runs an interruptible core call without the interpreter attached: about every 100 ms the
+/// waiting thread briefly attaches to run Python's signal handlers; an exception from them
+/// (Ctrl-C's KeyboardInterrupt) cancels the call inside the sandbox and is re-raised.
+fn interruptible<T: Send>(
+    py: Python<'_>,
+    f: impl FnOnce(dsec_core::host::Interrupt<'_>) -> dsec_core::Result<T> + Send,
+) -> PyResult<T> {
+    let raised: Mutex<Option<PyErr>> = Mutex::new(None);
+    let poll = || {
+        Python::attach(|py| match py.check_signals() {
+            Ok(()) => false,
+            Err(e) => {
+                if let Ok(mut slot) = raised.lock() {
+                    slot.get_or_insert(e);
+                }
+                true
+            }
+        })
+    };
+    let r = blocking(py, || f(&poll));
+    let pending = raised.lock().ok().and_then(|mut s| s.take());
+    match (r, pending) {
+        (_, Some(e)) => Err(e),
+        (r, None) => r,
     }
 }
 
@@ -484,7 +512,7 @@ impl PySandbox {
             timeout: float_arg(py, "timeout", timeout)?,
         };
         let sb = self.inner.clone();
-        let o = blocking(py, move || sb.exec(&req))?;
+        let o = interruptible(py, move |stop| sb.exec_with(&req, stop))?;
         Ok(result(py, o))
     }
 
@@ -499,7 +527,7 @@ impl PySandbox {
         let code = data_arg(py, "code", code)?;
         let t = float_arg(py, "timeout", timeout)?;
         let sb = self.inner.clone();
-        let o = blocking(py, move || sb.run_python(&code, t))?;
+        let o = interruptible(py, move |stop| sb.run_python_with(&code, t, stop))?;
         Ok(result(py, o))
     }
 

@@ -15,6 +15,9 @@ pub enum Error {
     /// The sandbox is closed.
     #[error("sandbox is closed")]
     Closed,
+    /// The caller interrupted the call (it was cancelled inside the sandbox).
+    #[error("interrupted")]
+    Interrupted,
     /// The sandbox failed while serving a request (init died, protocol error, ...).
     #[error("sandbox error: {0}")]
     Sandbox(String),

@@ -9,6 +9,7 @@ use crate::{Error, Result};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -54,6 +55,9 @@ fn memfd_path(bytes: &'static [u8]) -> Result<String> {
         .map_err(Error::Setup)
 }
 
+/// Polled while a call waits; returning true cancels the call.
+pub type Interrupt<'a> = &'a (dyn Fn() -> bool + Sync);
+
 /// One exec request.
 #[derive(Clone, Debug, Default)]
 pub struct ExecRequest {
@@ -95,6 +99,8 @@ pub struct Sandbox {
     pid: u32,
     /// The process that created the sandbox; a forked copy must not use or tear it down.
     owner: u32,
+    /// Set once closed; readable without the call mutex.
+    closed: AtomicBool,
 }
 
 impl Sandbox {
@@ -177,6 +183,7 @@ impl Sandbox {
             policy,
             pid,
             owner: std::process::id(),
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -192,7 +199,7 @@ impl Sandbox {
 
     /// Whether `close` has run (or the init died).
     pub fn is_closed(&self) -> bool {
-        self.lock().sock.is_none()
+        self.closed.load(Ordering::Acquire)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -203,6 +210,7 @@ impl Sandbox {
     /// process in its pid namespace, the outer init removes the cgroup. Idempotent.
     pub fn close(&self) {
         let mut g = self.lock();
+        self.closed.store(true, Ordering::Release);
         if std::process::id() != self.owner {
             // A forked copy: drop our descriptors only; the owner's sandbox lives on.
             g.sock = None;
@@ -225,7 +233,13 @@ impl Sandbox {
         }
     }
 
-    fn call(&self, body: &[u8], timeout: f64, accounting: bool) -> Result<(Vec<u8>, u64, u64)> {
+    fn call(
+        &self,
+        body: &[u8],
+        timeout: f64,
+        accounting: bool,
+        interrupt: Interrupt<'_>,
+    ) -> Result<(Vec<u8>, u64, u64)> {
         let mut g = self.lock();
         if std::process::id() != self.owner {
             return Err(Error::Sandbox(
@@ -244,8 +258,31 @@ impl Sandbox {
             _ => 0,
         };
         let sock = g.sock.as_mut().ok_or(Error::Closed)?;
-        let r = wire::write_frame(sock, body).and_then(|_| wire::read_frame(sock));
+        let mut cancelled = false;
+        let r = wire::write_frame(sock, body).and_then(|_| {
+            let limit = crate::sys::now() + timeout + 30.0;
+            let mut p = libc::pollfd {
+                fd: sock.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            loop {
+                // SAFETY: p is a valid pollfd.
+                let n = unsafe { libc::poll(&mut p, 1, 100) };
+                let eintr =
+                    n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR);
+                if (n != 0 && !eintr) || crate::sys::now() >= limit {
+                    break;
+                }
+                if !cancelled && interrupt() {
+                    wire::write_frame(sock, &[wire::tag::CANCEL])?;
+                    cancelled = true;
+                }
+            }
+            wire::read_frame(sock)
+        });
         match r {
+            Ok(Some(_)) if cancelled => Err(Error::Interrupted),
             Ok(Some(b)) => {
                 let (oom, peak) = match (&g.cg, accounting) {
                     (Some(cg), true) => (cg.oom_kills().saturating_sub(oom0), cg.peak()),
@@ -255,6 +292,7 @@ impl Sandbox {
             }
             other => {
                 Self::teardown(&mut g);
+                self.closed.store(true, Ordering::Release);
                 let why = match other {
                     Err(e) => e.to_string(),
                     _ => "end of stream".into(),
@@ -274,6 +312,13 @@ impl Sandbox {
 
     /// Runs a command. A failing command is a result; a sandbox failure is an error.
     pub fn exec(&self, req: &ExecRequest) -> Result<ExecOutput> {
+        self.exec_with(req, &|| false)
+    }
+
+    /// [`Sandbox::exec`] that polls `interrupt` about every 100 ms while waiting; when it
+    /// returns true the call is cancelled inside the sandbox (its whole tree is killed) and
+    /// `Error::Interrupted` is returned. The sandbox stays usable.
+    pub fn exec_with(&self, req: &ExecRequest, interrupt: Interrupt<'_>) -> Result<ExecOutput> {
         if req.argv.is_empty() {
             return Err(Error::Policy("cmd must not be empty".into()));
         }
@@ -308,21 +353,31 @@ impl Sandbox {
             .u64((timeout * 1e3).ceil() as u64);
         e.u64(self.policy.max_output_bytes)
             .u64(self.policy.cpu_seconds.unwrap_or(0));
-        self.result(&e.0, timeout)
+        self.result(&e.0, timeout, interrupt)
     }
 
     /// Runs Python code in the sandbox's warm interpreter (a fork per call).
     pub fn run_python(&self, code: &[u8], timeout: Option<f64>) -> Result<ExecOutput> {
+        self.run_python_with(code, timeout, &|| false)
+    }
+
+    /// [`Sandbox::run_python`] with an interrupt poll (see [`Sandbox::exec_with`]).
+    pub fn run_python_with(
+        &self,
+        code: &[u8],
+        timeout: Option<f64>,
+        interrupt: Interrupt<'_>,
+    ) -> Result<ExecOutput> {
         let timeout = self.timeout(timeout)?;
         let mut e = Enc::new(tag::PYTHON);
         e.bytes(code).u64((timeout * 1e3).ceil() as u64);
         e.u64(self.policy.max_output_bytes)
             .u64(self.policy.cpu_seconds.unwrap_or(0));
-        self.result(&e.0, timeout)
+        self.result(&e.0, timeout, interrupt)
     }
 
-    fn result(&self, body: &[u8], timeout: f64) -> Result<ExecOutput> {
-        let (resp, oom, peak) = self.call(body, timeout, true)?;
+    fn result(&self, body: &[u8], timeout: f64, interrupt: Interrupt<'_>) -> Result<ExecOutput> {
+        let (resp, oom, peak) = self.call(body, timeout, true, interrupt)?;
         let mut d = Dec::new(&resp);
         let bad = |e: std::io::Error| Error::Sandbox(format!("bad result frame: {e}"));
         match d.u8().map_err(bad)? {
@@ -362,7 +417,7 @@ impl Sandbox {
         check_path(path)?;
         let mut e = Enc::new(tag::READ);
         e.bytes(path);
-        let (resp, _, _) = self.call(&e.0, 60.0, false)?;
+        let (resp, _, _) = self.call(&e.0, 60.0, false, &|| false)?;
         let mut d = Dec::new(&resp);
         match d.u8() {
             Ok(tag::DATA) => d
@@ -378,7 +433,7 @@ impl Sandbox {
         check_path(path)?;
         let mut e = Enc::new(tag::WRITE);
         e.bytes(path).bytes(data);
-        let (resp, _, _) = self.call(&e.0, 60.0, false)?;
+        let (resp, _, _) = self.call(&e.0, 60.0, false, &|| false)?;
         let mut d = Dec::new(&resp);
         match d.u8() {
             Ok(tag::OK) => Ok(()),

@@ -319,6 +319,9 @@ pub fn run(p: &Policy, sync_r: RawFd) -> i32 {
         return 1;
     }
     while let Ok(Some(body)) = wire::read_frame(&mut *sock) {
+        if body.first() == Some(&tag::CANCEL) {
+            continue; // arrived after its call finished
+        }
         let resp = match handle(&mut st, ctrl, &body) {
             Ok(r) => r,
             Err((k, m)) => wire::error_body(k, &m),

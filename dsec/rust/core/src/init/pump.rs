@@ -116,9 +116,16 @@ pub fn pump(
             continue;
         }
         if fds[0].revents != 0 {
-            kill();
-            close_all(&mut [out_fd, err_fd, in_fd]);
-            return Err(HostGone);
+            if read_cancel(ctrl) {
+                if killed_at.is_none() {
+                    kill();
+                    killed_at = Some(now());
+                }
+            } else {
+                kill();
+                close_all(&mut [out_fd, err_fd, in_fd]);
+                return Err(HostGone);
+            }
         }
         if fds[1].revents != 0 && drain(out_fd, &mut res.out, &mut buf) {
             close(out_fd);
@@ -162,6 +169,25 @@ pub fn pump(
     close_all(&mut [out_fd, err_fd, in_fd]);
     res.wall = now() - start;
     Ok(res)
+}
+
+/// Consumes a CANCEL frame from the control socket; false on end of stream or anything else.
+fn read_cancel(ctrl: RawFd) -> bool {
+    let mut b = [0u8; 5];
+    // SAFETY: b is a valid buffer.
+    let n = unsafe {
+        libc::recv(
+            ctrl,
+            b.as_mut_ptr().cast(),
+            5,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n != 5 || b != [1, 0, 0, 0, crate::wire::tag::CANCEL] {
+        return false;
+    }
+    // SAFETY: consuming the 5 bytes just peeked.
+    unsafe { libc::recv(ctrl, b.as_mut_ptr().cast(), 5, libc::MSG_DONTWAIT) == 5 }
 }
 
 fn close_all(fds: &mut [RawFd]) {
