@@ -185,3 +185,22 @@ def test_ctrl_c_cancels_the_call_and_keeps_the_sandbox(sb, kind):
     assert not sb.closed
     assert sb.exec("echo usable").stdout == b"usable\n"
     assert sb.exec("ps -e -o comm= | grep -c sleep || true").stdout == b"0\n"
+
+
+def test_stub_matches_the_compiled_module():
+    import ast
+
+    import dsec._native as native
+
+    stub = ast.parse((Path(dsec.__file__).parent / "_native.pyi").read_text())
+    declared = {n.name for n in stub.body if isinstance(n, ast.ClassDef | ast.FunctionDef)} | {
+        n.target.id for n in stub.body if isinstance(n, ast.AnnAssign)
+    }
+    actual = {n for n in dir(native) if not n.startswith("_")}
+    assert declared == actual
+    for cls in ("Sandbox", "ExecResult"):
+        node = next(n for n in stub.body if isinstance(n, ast.ClassDef) and n.name == cls)
+        members = {m.name for m in node.body if isinstance(m, ast.FunctionDef)}
+        real = {m for m in dir(getattr(native, cls)) if not m.startswith("_")}
+        assert real <= members, real - members
+    assert set(dsec.__all__) <= set(dir(dsec))
