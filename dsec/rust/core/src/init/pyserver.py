@@ -3,6 +3,7 @@
 # "<IQQ": code length, timeout ms, cpu seconds; the stdout/stderr pipe ends arrive as
 # SCM_RIGHTS), forks one child per call, and after the call kills every other process in its
 # namespace, so nothing a call started survives it.
+import contextlib
 import os
 import select
 import signal
@@ -28,10 +29,8 @@ def _recv_exact(n):
 
 def _reap():
     while True:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(-1, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         try:
             os.waitpid(-1, 0)
         except ChildProcessError:
@@ -66,10 +65,8 @@ def _child(code, out, err, cpu):
         traceback.print_exc()
         rc = 1
     for s in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(BaseException):
             s.flush()
-        except BaseException:
-            pass
     os._exit(rc)
 
 
