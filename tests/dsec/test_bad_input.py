@@ -37,6 +37,7 @@ def sb():
         ("timeout", "30"),
         ("max_output_bytes", 0),
         ("max_output_bytes", 1 << 40),
+        ("max_output_bytes", 512 << 20),
         ("disk_bytes", 10),
         ("max_open_files", 1),
         ("max_open_files", 1 << 40),

@@ -55,6 +55,18 @@ fn memfd_path(bytes: &'static [u8]) -> Result<String> {
         .map_err(Error::Setup)
 }
 
+/// Largest stdin, file or code payload one call carries.
+pub const MAX_PAYLOAD: usize = 1 << 30;
+
+fn check_payload(what: &str, n: usize) -> Result<()> {
+    if n > MAX_PAYLOAD {
+        return Err(Error::Policy(format!(
+            "{what} is {n} bytes; at most {MAX_PAYLOAD} bytes per call"
+        )));
+    }
+    Ok(())
+}
+
 /// Polled while a call waits; returning true cancels the call.
 pub type Interrupt<'a> = &'a (dyn Fn() -> bool + Sync);
 
@@ -345,6 +357,7 @@ impl Sandbox {
             Some(c) => [&b"/workspace/"[..], c].concat(),
         };
         let timeout = self.timeout(req.timeout)?;
+        check_payload("stdin", req.stdin.as_ref().map_or(0, Vec::len))?;
         let mut e = Enc::new(tag::EXEC);
         e.list(&req.argv)
             .list(&self.policy.environment(&req.env))
@@ -369,6 +382,7 @@ impl Sandbox {
         interrupt: Interrupt<'_>,
     ) -> Result<ExecOutput> {
         let timeout = self.timeout(timeout)?;
+        check_payload("code", code.len())?;
         let mut e = Enc::new(tag::PYTHON);
         e.bytes(code).u64((timeout * 1e3).ceil() as u64);
         e.u64(self.policy.max_output_bytes)
@@ -431,6 +445,7 @@ impl Sandbox {
     /// Creates or replaces a regular file beneath the sandbox root.
     pub fn write_file(&self, path: &[u8], data: &[u8]) -> Result<()> {
         check_path(path)?;
+        check_payload("data", data.len())?;
         let mut e = Enc::new(tag::WRITE);
         e.bytes(path).bytes(data);
         let (resp, _, _) = self.call(&e.0, 60.0, false, &|| false)?;

@@ -5,7 +5,6 @@ use crate::{Error, Result};
 use std::io;
 
 const MIB: u64 = 1 << 20;
-const GIB: u64 = 1 << 30;
 
 /// Everything a sandbox enforces. Field names are the Python keyword names.
 #[derive(Clone, Debug, PartialEq)]
@@ -99,7 +98,7 @@ impl Policy {
             range("cpu_seconds", c, 1, 1 << 32)?;
         }
         check_timeout("timeout", self.timeout)?;
-        range("max_output_bytes", self.max_output_bytes, 1, GIB)?;
+        range("max_output_bytes", self.max_output_bytes, 1, 256 * MIB)?;
         range("disk_bytes", self.disk_bytes, MIB, 1 << 40)?;
         range("max_open_files", self.max_open_files, 16, 1 << 20)?;
         if self.host_id == 0 {
