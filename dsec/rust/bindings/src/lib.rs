@@ -93,9 +93,14 @@ fn interruptible<T: Send>(
     py: Python<'_>,
     f: impl FnOnce(dsec_core::host::Interrupt<'_>) -> dsec_core::Result<T> + Send,
 ) -> PyResult<T> {
+    // Only the main thread runs signal handlers; other threads (and daemon threads that may
+    // outlive the interpreter) never re-attach.
+    if !on_main_thread(py) {
+        return blocking(py, || f(&|| false));
+    }
     let raised: Mutex<Option<PyErr>> = Mutex::new(None);
     let poll = || {
-        Python::attach(|py| match py.check_signals() {
+        Python::try_attach(|py| match py.check_signals() {
             Ok(()) => false,
             Err(e) => {
                 if let Ok(mut slot) = raised.lock() {
@@ -104,6 +109,7 @@ fn interruptible<T: Send>(
                 true
             }
         })
+        .unwrap_or(false)
     };
     let r = blocking(py, || f(&poll));
     let pending = raised.lock().ok().and_then(|mut s| s.take());
@@ -111,6 +117,16 @@ fn interruptible<T: Send>(
         (_, Some(e)) => Err(e),
         (r, None) => r,
     }
+}
+
+fn on_main_thread(py: Python<'_>) -> bool {
+    let check = || -> PyResult<bool> {
+        let threading = py.import("threading")?;
+        let main = threading.call_method0("main_thread")?.getattr("ident")?;
+        let me = threading.call_method0("get_ident")?;
+        main.eq(me)
+    };
+    check().unwrap_or(false)
 }
 
 /// Runs a blocking core call without the interpreter attached; panics become SandboxError.
