@@ -13,8 +13,9 @@ use std::sync::OnceLock;
 pub enum Layout {
     /// v1: the caller's cgroup directories in the memory and pids hierarchies.
     V1 { memory: PathBuf, pids: PathBuf },
-    /// v2: the caller's cgroup directory (controllers enabled in its subtree_control).
-    V2 { base: PathBuf },
+    /// v2: the caller's cgroup directory (controllers enabled in its subtree_control) and the
+    /// leaf a sandbox's outer init moves back to before removing the sandbox's cgroup.
+    V2 { base: PathBuf, leave: PathBuf },
 }
 
 /// Result of detection: the layout, or why none is usable.
@@ -86,16 +87,31 @@ pub fn detect_uncached() -> Detected {
         return Err("cgroup2 is mounted but this process has no cgroup2 path".into());
     };
     let base = join(m2, p);
-    let ctl = std::fs::read_to_string(base.join("cgroup.subtree_control")).unwrap_or_default();
-    let has = |c: &str| ctl.split_whitespace().any(|x| x == c);
-    if has("memory") && has("pids") {
-        return Ok(Layout::V2 { base });
+    let is_root = p == "/";
+    let host_leaf = base.join("dsec-host");
+    let leave = if is_root {
+        base.clone()
+    } else {
+        host_leaf.clone()
+    };
+    let enabled = |b: &Path| {
+        let ctl = std::fs::read_to_string(b.join("cgroup.subtree_control")).unwrap_or_default();
+        ctl.split_whitespace().any(|x| x == "memory") && ctl.split_whitespace().any(|x| x == "pids")
+    };
+    if enabled(&base) {
+        return Ok(Layout::V2 { base, leave });
     }
-    let _ = std::fs::write(base.join("cgroup.subtree_control"), "+memory +pids");
-    let ctl = std::fs::read_to_string(base.join("cgroup.subtree_control")).unwrap_or_default();
-    if ctl.split_whitespace().any(|x| x == "memory") && ctl.split_whitespace().any(|x| x == "pids")
-    {
-        return Ok(Layout::V2 { base });
+    if std::fs::write(base.join("cgroup.subtree_control"), "+memory +pids").is_err() && !is_root {
+        // "No internal processes": move the processes of our cgroup into a leaf, then enable.
+        let _ = std::fs::create_dir(&host_leaf);
+        let procs = std::fs::read_to_string(base.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.split_whitespace() {
+            let _ = std::fs::write(host_leaf.join("cgroup.procs"), pid);
+        }
+        let _ = std::fs::write(base.join("cgroup.subtree_control"), "+memory +pids");
+    }
+    if enabled(&base) {
+        return Ok(Layout::V2 { base, leave });
     }
     Err(format!(
         "cgroup2 at {} does not delegate memory and pids (enable them in its cgroup.subtree_control, \
@@ -114,7 +130,7 @@ pub fn detect() -> &'static Detected {
 #[derive(Debug)]
 pub struct SandboxCgroup {
     layout: Layout,
-    /// (directory, parent) per hierarchy.
+    /// (directory, cgroup the outer init moves back to before removing it) per hierarchy.
     pub dirs: Vec<(PathBuf, PathBuf)>,
 }
 
@@ -144,7 +160,7 @@ impl SandboxCgroup {
         );
         let parents: Vec<PathBuf> = match &layout {
             Layout::V1 { memory, pids } => vec![memory.clone(), pids.clone()],
-            Layout::V2 { base } => vec![base.clone()],
+            Layout::V2 { base, .. } => vec![base.clone()],
         };
         let mut cg = SandboxCgroup {
             layout,
@@ -154,7 +170,11 @@ impl SandboxCgroup {
             let d = p.join(&name);
             std::fs::create_dir(&d)
                 .map_err(|e| Error::Setup(format!("mkdir {}: {e}", d.display())))?;
-            cg.dirs.push((d, p));
+            let leave = match &cg.layout {
+                Layout::V2 { leave, .. } => leave.clone(),
+                Layout::V1 { .. } => p,
+            };
+            cg.dirs.push((d, leave));
         }
         let mem = memory_bytes.to_string();
         let pids = max_pids.to_string();
