@@ -14,7 +14,7 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-RUST_SOURCES := $(shell find dsec/rust -name '*.rs' -o -name Cargo.toml 2>/dev/null) Cargo.toml
+RUST_SOURCES := $(shell find dsec/rust -name '*.rs' -o -name '*.py' -o -name Cargo.toml 2>/dev/null) Cargo.toml Cargo.lock
 
 .DEFAULT_GOAL := help
 
