@@ -9,6 +9,14 @@ Entry formats (kv_dtype="fp8"), one uint8 row of E bytes per entry:
 - indexer key: [MXFP4 packed, two per byte | one ue8m0 scale per 32 dims], 68 B at c = 128.
 With kv_dtype "bfloat16" / "float32" an entry is c values of that dtype (no quantisation).
 The compressor tail state stays fp32, as in the reference.
+
+Decode mirror (``mirror=True``, the default): every quantised store also keeps an fp32 copy of
+its dequantised entries, updated only for the entries written (each write dequantises just the
+rows it packed), so a decode step reads the cache without unpacking it in full. The packed bytes
+stay the cache's source of truth and its only accounted memory (``nbytes``): the mirror is
+scratch working memory, like activations, and holds exactly ``decode(data)`` at all times
+(dequantisation is elementwise, so decoding one row alone gives the same values). ``mirror=False``
+reads by unpacking the stored bytes on every read, in c/4x less memory than the mirror.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ class EntryStore:
     rows [B, n, E] packed by ``KVLayout``; unquantised ones are [B, n, c] in kv_dtype.
     """
 
-    def __init__(self, layout: KVLayout, kind: str, batch: int, n: int, device):
+    def __init__(self, layout: KVLayout, kind: str, batch: int, n: int, device, mirror=True):
         self.layout, self.kind = layout, kind
         quantised = (
             layout.kv_dtype == "fp8"
@@ -45,6 +53,8 @@ class EntryStore:
             dim = layout.head_dim if kind == "main" else layout.index_dims
             dtype = layout.kv_dtype if kind == "main" else layout.index_dtype
             self.data = torch.zeros(batch, n, dim, dtype=getattr(torch, dtype), device=device)
+        # fp32 [B, n, c] copy of decode(data) (see module doc), or None
+        self.mirror = self.decode(self.data) if quantised and mirror else None
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., c] -> stored rows [..., E] (or [..., c] in a plain dtype)."""
@@ -63,39 +73,55 @@ class EntryStore:
     def write(self, rows: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
         """data[rows[i], slots[i]] = encode(x[i]). rows, slots [M] int, x [M, c]."""
         if rows.numel():
-            self.data[rows, slots] = self.encode(x)
+            enc = self.encode(x)
+            self.data[rows, slots] = enc
+            if self.mirror is not None:
+                self.mirror[rows, slots] = self.decode(enc)
 
     def read(self, n: int) -> torch.Tensor:
-        """The first n entries of every row, fp32 [B, n, c]."""
+        """The first n entries of every row, fp32 [B, n, c] (with the mirror: a view of it,
+        valid until the next write)."""
+        if self.mirror is not None:
+            return self.mirror[:, :n]
         return self.decode(self.data[:, :n])
 
     def gather(self, idx: torch.Tensor) -> torch.Tensor:
         """Entries idx [B, K] (>= 0) of each row, fp32 [B, K, c]."""
         rows = torch.arange(idx.shape[0], device=idx.device)[:, None]
+        if self.mirror is not None:
+            return self.mirror[rows, idx]
         return self.decode(self.data[rows, idx])
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows ``rows`` [B'] (in that order)."""
+        self.data = self.data[rows]
+        if self.mirror is not None:
+            self.mirror = self.mirror[rows]
 
 
 class LayerCache:
     """State of one attention layer for B rows and up to ``capacity`` tokens."""
 
-    def __init__(self, cfg: V4Config, layer_id: int, batch: int, capacity: int, device):
+    def __init__(
+        self, cfg: V4Config, layer_id: int, batch: int, capacity: int, device, mirror=True
+    ):
         lay = KVLayout.from_config(cfg)
         kind = cfg.layer_kind(layer_id)
         c = cfg.head_dim
-        self.window = EntryStore(lay, "main", batch, cfg.sliding_window, device)
+        self.window = EntryStore(lay, "main", batch, cfg.sliding_window, device, mirror)
         self.comp = self.index = None
         self.states: list[torch.Tensor] = []
         if kind != "swa":
             m = cfg.compress_ratios[layer_id]
             n = capacity // m
-            self.comp = EntryStore(lay, "main", batch, n, device)
+            self.comp = EntryStore(lay, "main", batch, n, device, mirror)
             slots, width = (2 * m, 2 * c) if kind == "csa" else (m, c)
             self.kv_state = torch.zeros(batch, slots, width, device=device)
             self.sc_state = torch.full((batch, slots, width), float("-inf"), device=device)
             self.states += [self.kv_state, self.sc_state]
             if kind == "csa":
                 ic = cfg.index_head_dim
-                self.index = EntryStore(lay, "index", batch, n, device)
+                self.index = EntryStore(lay, "index", batch, n, device, mirror)
                 self.ikv_state = torch.zeros(batch, slots, 2 * ic, device=device)
                 self.isc_state = torch.full((batch, slots, 2 * ic), float("-inf"), device=device)
                 self.states += [self.ikv_state, self.isc_state]
@@ -108,7 +134,7 @@ class LayerCache:
         """Keep only batch rows ``rows`` [B'] (in that order)."""
         for store in (self.window, self.comp, self.index):
             if store is not None:
-                store.data = store.data[rows]
+                store.keep_rows(rows)
         names = [n for n in ("kv_state", "sc_state", "ikv_state", "isc_state") if hasattr(self, n)]
         for n in names:
             setattr(self, n, getattr(self, n)[rows])
@@ -118,15 +144,17 @@ class LayerCache:
 class KVCache:
     """Cache of every attention layer of a model (main blocks; MTP is not cached).
 
-    ``pos [B]`` is the number of tokens each row holds (its next position).
+    ``pos [B]`` is the number of tokens each row holds (its next position). ``mirror``: keep the
+    decode mirror of the quantised stores (module doc; not part of ``nbytes``).
     """
 
-    def __init__(self, cfg: V4Config, batch: int, capacity: int, device="cpu"):
+    def __init__(self, cfg: V4Config, batch: int, capacity: int, device="cpu", mirror: bool = True):
         if capacity <= 0 or batch <= 0:
             raise ValueError(f"batch and capacity must be > 0, got {batch}, {capacity}")
         self.cfg, self.batch, self.capacity = cfg, batch, capacity
         self.layers = [
-            LayerCache(cfg, i, batch, capacity, device) for i in range(cfg.num_hidden_layers)
+            LayerCache(cfg, i, batch, capacity, device, mirror)
+            for i in range(cfg.num_hidden_layers)
         ]
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)
 

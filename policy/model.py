@@ -217,6 +217,7 @@ class V4Model(nn.Module):
         cache.pos += 1
         return self._head(x)[:, 0]
 
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
-        """An empty cache for ``batch`` rows of up to ``capacity`` tokens on the model's device."""
-        return KVCache(self.cfg, batch, capacity, self.embed.weight.device)
+    def new_cache(self, batch: int, capacity: int, mirror: bool = True) -> KVCache:
+        """An empty cache for ``batch`` rows of up to ``capacity`` tokens on the model's device
+        (``mirror``: the dequantised decode mirror, see policy.kv_cache)."""
+        return KVCache(self.cfg, batch, capacity, self.embed.weight.device, mirror)

@@ -175,3 +175,28 @@ def test_bad_cache_sizes():
     model.prefill(torch.zeros(1, 6, dtype=torch.long), torch.tensor([6]), cache)
     with pytest.raises(ValueError, match="capacity"):
         model.decode(torch.zeros(1, dtype=torch.long), cache)
+
+
+def test_decode_mirror_equals_unpacked_bytes():
+    # the fp32 mirror holds exactly decode(packed bytes) after prefill, decode and keep_rows,
+    # is not counted in nbytes, and decoding with or without it gives identical logits
+    model = _model("fp8", ratios=(4, 16, 0))
+    ids = torch.randint(0, model.cfg.vocab_size, (3, 30))
+    caches = [model.new_cache(3, 40, mirror=mirror) for mirror in (True, False)]
+    outs = []
+    for cache in caches:
+        logits = [model.prefill(ids[:, :7], torch.tensor([7, 3, 5]), cache)]
+        for t in range(20):
+            if t == 10:
+                cache.keep_rows(torch.tensor([2, 0]))
+            logits.append(model.decode(ids[: cache.batch, 7 + t], cache))
+        outs.append(logits)
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a, b)
+    with_mirror, plain = caches
+    assert with_mirror.nbytes() == plain.nbytes()
+    stores = [s for la in with_mirror.layers for s in (la.window, la.comp, la.index) if s]
+    assert len(stores) == 5 and all(s.mirror is not None for s in stores)
+    for s in stores:
+        assert torch.equal(s.mirror, s.decode(s.data))
+    assert all(s.mirror is None for la in plain.layers for s in (la.window, la.comp, la.index) if s)
