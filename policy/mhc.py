@@ -5,6 +5,7 @@ Letters: B batch, S sequence, n hc_mult streams, d model width.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -23,17 +24,56 @@ def sinkhorn_split(
 
     comb: softmax over rows + eps, one column normalisation, then ``iters - 1`` times (row,
     column): ``iters`` column normalisations in all, ending on a column one (reference order).
+
+    Without autograd on CPU (decode, evaluation) the normalisations run in place through numpy,
+    whose per-call cost is a fraction of torch's on these [.., n, n] tiles: the same fp32 sums
+    (sequential over n <= 4 elements in both), additions and divisions in the same order, so the
+    result is bitwise the torch loop's (tested); otherwise the torch loop runs.
     """
     pre = torch.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + eps
     post = 2 * torch.sigmoid(mixes[..., n : 2 * n] * scale[1] + base[n : 2 * n])
     comb = mixes[..., 2 * n :].unflatten(-1, (n, n)) * scale[2] + base[2 * n :].view(n, n)
     eps_t = torch.tensor(eps, dtype=comb.dtype, device=comb.device)  # no per-op scalar wrapping
     comb = comb.softmax(-1) + eps_t
+    if _numpy_ok(comb, n):
+        return pre, post, _sinkhorn_numpy(comb, iters, eps)
     comb = comb / (comb.sum(-2, keepdim=True) + eps_t)
     for _ in range(iters - 1):
         comb = comb / (comb.sum(-1, keepdim=True) + eps_t)
         comb = comb / (comb.sum(-2, keepdim=True) + eps_t)
     return pre, post, comb
+
+
+def _numpy_ok(comb: torch.Tensor, n: int) -> bool:
+    """The numpy loop applies: fp32 on CPU, no autograd, n <= 4 (both libraries sum so few
+    contiguous elements sequentially; at larger n their vectorised orders differ)."""
+    return (
+        n <= 4
+        and comb.device.type == "cpu"
+        and comb.dtype == torch.float32
+        and not (torch.is_grad_enabled() and comb.requires_grad)
+    )
+
+
+def _sinkhorn_numpy(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """The normalisation loop of ``sinkhorn_split`` in place on comb [..., n, n] (fp32, CPU,
+    contiguous, owned by the caller): column, then ``iters - 1`` times (row, column)."""
+    c = comb.numpy()
+    e = np.float32(eps)
+    rows = np.empty_like(c[..., :1])  # [..., n, 1]
+    cols = np.empty_like(c[..., :1, :])  # [..., 1, n]
+    red, add, div = np.add.reduce, np.add, np.divide
+    red(c, -2, None, cols, True)
+    add(cols, e, cols)
+    div(c, cols, c)
+    for _ in range(iters - 1):
+        red(c, -1, None, rows, True)
+        add(rows, e, rows)
+        div(c, rows, c)
+        red(c, -2, None, cols, True)
+        add(cols, e, cols)
+        div(c, cols, c)
+    return comb
 
 
 def hc_pre(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:

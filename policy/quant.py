@@ -31,7 +31,9 @@ in fp32 and FP4 data is kept as uint8 nibbles decoded through a 16-entry table.
 
 from __future__ import annotations
 
+import functools
 import math
+import struct
 
 import torch
 
@@ -78,26 +80,56 @@ def e8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
         return scale.to(torch.float32)
     else:
         raise ValueError(f"scale dtype {scale.dtype} is not float8_e8m0fnu, uint8 or a float")
-    b = byte.to(torch.int32)
-    # Build the fp32 bit pattern directly: exponent field b, zero mantissa, so no libm is involved.
-    bits = b << 23
+    return _e8m0_table(byte.device)[byte.long()]
+
+
+def _e8m0_bits(b: torch.Tensor) -> torch.Tensor:
+    """Bytes b (int32) -> fp32 2^(b − 127), built as bit patterns (no libm involved)."""
+    bits = b << 23  # exponent field b, zero mantissa
     bits = torch.where(b == 0, torch.full_like(bits, 1 << 22), bits)  # 2^-127 is subnormal
     bits = torch.where(b == E8M0_NAN_BYTE, torch.full_like(bits, 0x7FC00000), bits)
     return bits.view(torch.float32)
 
 
+@functools.cache
+def _normal_fp32(v: float) -> bool:
+    """v is a normal fp32 number (exactly representable, >= 2^-126)."""
+    return v >= 2.0**-126 and struct.unpack("<f", struct.pack("<f", v))[0] == v
+
+
+_E8M0_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _e8m0_table(device: torch.device) -> torch.Tensor:
+    """The 256 e8m0 values as fp32 [256] on ``device`` (one lookup decodes any scale tensor)."""
+    table = _E8M0_TABLES.get(device)
+    if table is None:
+        with torch.inference_mode(False), torch.no_grad():
+            table = _e8m0_bits(torch.arange(256, dtype=torch.int32, device=device))
+        _E8M0_TABLES[device] = table
+    return table
+
+
 def _exp2_exact(exp: torch.Tensor) -> torch.Tensor:
-    """2^e as fp32 for integer e in [-127, 127], exactly."""
-    return e8m0_to_float(e8m0_from_exponent(exp))
+    """2^e as fp32 for integer e (clamped to [-127, 127]), exactly."""
+    return _e8m0_table(exp.device)[(exp.clamp(E8M0_MIN_EXP, E8M0_MAX_EXP) + 127).long()]
 
 
 def _block_exponent(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     """Smallest integer e with amax <= qmax · 2^e, clamped to the e8m0 range. amax >= 0, finite.
 
     Returns int32 exponents; amax == 0 gives the minimum exponent.
+
+    fp32 amax with a tiny bound qmax · 2^-127 that is a normal fp32 (qmax 448 and 6): exactly from
+    the binary exponents, a = m · 2^k and qmax = mq · 2^kq with m, mq in [0.5, 1) give
+    e = k − kq + (m > mq). Otherwise (any other dtype or qmax) via float64 log2 with fix-ups.
     """
-    a = amax.to(torch.float64)
+    mq, kq = math.frexp(qmax)
     tiny = qmax * 2.0**E8M0_MIN_EXP
+    if amax.dtype == torch.float32 and _normal_fp32(tiny):
+        m, k = torch.frexp(amax.clamp(min=tiny))
+        return (k - kq + (m > mq)).clamp(E8M0_MIN_EXP, E8M0_MAX_EXP).to(torch.int32)
+    a = amax.to(torch.float64)
     a = torch.clamp(a, min=tiny)
     e = torch.ceil(torch.log2(a / qmax))
     # log2 may be off by one ulp near powers of two: fix up against exact float64 products.
@@ -227,15 +259,30 @@ def _e2m1_codes(y: torch.Tensor) -> torch.Tensor:
     """fp32 values already divided by their scale -> e2m1 codes (uint8 0..15), saturating at ±6.
 
     Round to nearest, ties to the even code. NaN gives code 0 (the caller marks its block).
+    The magnitude code is the number of midpoints below |y|, counted by one ``bucketize`` over
+    boundaries where a midpoint whose tie goes up is replaced by the fp32 just below it.
     """
     a = y.abs().nan_to_num(nan=0.0)  # inf stays inf and lands on the top code
-    mag = torch.zeros(y.shape, dtype=torch.uint8, device=y.device)
-    for i, m in enumerate(_E2M1_MIDPOINTS):
-        # midpoint i lies between codes i and i+1: the tie goes up only when i+1 is even.
-        up = (a >= m) if i % 2 == 1 else (a > m)
-        mag += up.to(torch.uint8)
+    mag = torch.bucketize(a, _e2m1_bounds(y.device)).to(torch.uint8)
     sign = (torch.signbit(y) & ~torch.isnan(y)).to(torch.uint8) << 3
     return mag | sign
+
+
+_E2M1_BOUNDS: dict[torch.device, torch.Tensor] = {}
+
+
+def _e2m1_bounds(device: torch.device) -> torch.Tensor:
+    """fp32 [7]: code i+1 starts above bound i. Midpoint i lies between codes i and i+1; the tie
+    goes up only when i+1 is even (odd i), so there the bound is the fp32 just below it."""
+    bounds = _E2M1_BOUNDS.get(device)
+    if bounds is None:
+        with torch.inference_mode(False), torch.no_grad():
+            mids = torch.tensor(_E2M1_MIDPOINTS, dtype=torch.float32)
+            below = torch.nextafter(mids, torch.zeros_like(mids))
+            odd = torch.arange(len(_E2M1_MIDPOINTS)) % 2 == 1
+            bounds = torch.where(odd, below, mids).to(device)
+        _E2M1_BOUNDS[device] = bounds
+    return bounds
 
 
 def _e2m1_lut(device: torch.device) -> torch.Tensor:

@@ -190,3 +190,20 @@ def test_fp8_kv_fake_quant_in_full_forward():
         a, b = exact(ids), fp8(ids)
     # quantisation noise (a few %), occasionally a different MoE expert or top-k entry
     assert not torch.equal(a, b) and (a - b).abs().median() < 0.02
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8])
+def test_sinkhorn_numpy_loop_is_bitwise_the_torch_loop(n):
+    # the no-autograd CPU path (numpy, in place) gives exactly the autograd (torch) path's values
+    torch.manual_seed(n)
+    for shape in ((1, 1), (3, 5), (2, 257)):
+        for spread in (0.1, 1.0, 30.0):
+            mixes = torch.randn(*shape, (2 + n) * n) * spread
+            scale, base = torch.rand(3) + 0.5, torch.randn((2 + n) * n)
+            args = (scale, base, n, 20, 1e-6)
+            with torch.no_grad():
+                fast = sinkhorn_split(mixes, *args)
+            slow = sinkhorn_split(mixes.requires_grad_(True), *args)
+            mixes.requires_grad_(False)
+            for a, b in zip(fast, slow, strict=True):
+                assert torch.equal(a, b.detach()), (n, shape, spread)

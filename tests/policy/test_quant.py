@@ -287,3 +287,51 @@ def test_fp4_to_fp8_weight_is_lossless_for_small_scale_spread() -> None:
     w2[0, :32] *= 2.0**20
     _, _, lossless = fp4_to_fp8_weight(*quantize_fp4_weight(w2))
     assert not lossless
+
+
+def _adversarial_fp32(n=20000, seed=0):
+    """fp32 values over the whole range: powers of two and their neighbours, e4m3/e2m1 grid
+    points and midpoints, subnormals, zeros, infinities and random magnitudes."""
+    g = torch.Generator().manual_seed(seed)
+    p2 = torch.tensor([2.0**e for e in range(-149, 128)], dtype=torch.float32)
+    grid = torch.tensor([0.25, 0.5, 0.75, 1.25, 1.5, 1.75, 2.5, 3.5, 5.0, 6.0, 448.0, 480.0])
+    scaled = (grid * 2.0 ** torch.arange(-8, 9)[:, None]).flatten()
+    base = torch.cat((p2, p2 * 0.875, p2 * 0.75, scaled))
+    base = base.flatten().float()
+    up = torch.nextafter(base, torch.full_like(base, float("inf")))
+    down = torch.nextafter(base, torch.zeros_like(base))
+    rand = torch.exp2(torch.rand(n, generator=g) * 300 - 150) * torch.rand(n, generator=g)
+    special = torch.tensor([0.0, float("inf"), 1e-45, 3.4e38])
+    return torch.cat((base, up, down, rand.float(), special))
+
+
+def test_fast_scale_rules_equal_the_float64_rules():
+    # the fp32 exponent rule equals the float64 log2 rule; the e8m0 table equals bit building
+    from policy.quant import FP4_MAX, FP8_MAX, _block_exponent, _e8m0_bits, _exp2_exact
+
+    a = _adversarial_fp32()
+    a = a[torch.isfinite(a)]
+    for qmax in (FP8_MAX, FP4_MAX):
+        fast = _block_exponent(a, qmax)
+        assert fast.dtype == torch.int32
+        assert torch.equal(fast, _block_exponent(a.double(), qmax))
+    b = torch.arange(256, dtype=torch.int32)
+    want = _e8m0_bits(b)
+    got = e8m0_to_float(b.to(torch.uint8))
+    assert torch.equal(got[:255], want[:255]) and got[255].isnan()
+    assert got.view(torch.int32)[255] == want.view(torch.int32)[255]
+    e = torch.arange(-140, 140)
+    assert torch.equal(_exp2_exact(e), _e8m0_bits((e.clamp(-127, 127) + 127).int()))
+
+
+def test_e2m1_codes_equal_the_midpoint_rule():
+    from policy.quant import _E2M1_MIDPOINTS, _e2m1_codes
+
+    y = _adversarial_fp32(seed=1)
+    y = torch.cat((y, -y, torch.tensor([float("nan"), -float("inf")])))
+    a = y.abs().nan_to_num(nan=0.0)
+    mag = torch.zeros(y.shape, dtype=torch.uint8)
+    for i, m in enumerate(_E2M1_MIDPOINTS):  # tie goes up only when code i + 1 is even
+        mag += ((a >= m) if i % 2 == 1 else (a > m)).to(torch.uint8)
+    want = mag | ((torch.signbit(y) & ~torch.isnan(y)).to(torch.uint8) << 3)
+    assert torch.equal(_e2m1_codes(y), want)
