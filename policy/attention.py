@@ -20,7 +20,7 @@ from policy.config import V4Config
 from policy.indexer import Indexer, index_scores, topk_indices
 from policy.kernels import sparse_attention
 from policy.layers import Linear, RMSNorm, unit_rms
-from policy.rope import apply_rope, rope_inv_freq
+from policy.rope import apply_rope, rope_inv_freq, rope_tables
 
 
 class Attention(nn.Module):
@@ -64,23 +64,24 @@ class Attention(nn.Module):
         cfg, s = self.cfg, x.shape[1]
         qr = self.q_norm(self.wq_a(x))  # [B, S, d_c]
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))  # [B, S, H, c]
-        q = apply_rope(unit_rms(q, cfg.rms_norm_eps), pos, self.inv_freq)
-        kv = apply_rope(self.kv_norm(self.wkv(x)), pos, self.inv_freq)  # [B, S, c]
+        rope = rope_tables(pos, self.inv_freq, x.device)  # shared by q, kv, output, indexer
+        q = apply_rope(unit_rms(q, cfg.rms_norm_eps), pos, self.inv_freq, tables=rope)
+        kv = apply_rope(self.kv_norm(self.wkv(x)), pos, self.inv_freq, tables=rope)  # [B, S, c]
         if cache is None or fill_lengths is not None:
             kv = quantize_kv(kv, cfg)  # as the cache would store it
-            keys, allowed = self._full_keys(x, qr, kv, pos, cache, fill_lengths)
+            keys, allowed = self._full_keys(x, qr, kv, pos, cache, fill_lengths, rope)
         else:  # the cache quantises on write; reads return the stored values
             assert s == 1, "decode takes one token per row"
-            keys, allowed = self._decode_keys(x, qr, kv, pos, cache)
+            keys, allowed = self._decode_keys(x, qr, kv, pos, cache, rope)
         o = sparse_attention(q, keys, allowed, self.attn_sink, self.softmax_scale)
-        o = apply_rope(o, pos, self.inv_freq, inverse=True)  # [B, S, H, c]
+        o = apply_rope(o, pos, self.inv_freq, inverse=True, tables=rope)  # [B, S, H, c]
         o = o.flatten(2).unflatten(-1, (self.groups, -1))  # [B, S, g, H*c/g]
         wo_a = self.wo_a.weight.view(self.groups, self.o_rank, -1)  # [g, d_g, H*c/g]
         o = torch.einsum("bsgi,goi->bsgo", o, wo_a)
         return self.wo_b(o.flatten(2))
 
     # ------------------------------------------------------------------ full sequence
-    def _full_keys(self, x, qr, kv, pos, cache, fill_lengths):
+    def _full_keys(self, x, qr, kv, pos, cache, fill_lengths, rope):
         """keys [B, S + N, c], allowed [B, S, S + N]."""
         b, s, _ = x.shape
         t = torch.arange(s, device=x.device)
@@ -96,7 +97,7 @@ class Attention(nn.Module):
             if self.kind == "csa":
                 ik, parts["ikv"], parts["isc"] = self.indexer.compressor(x, self.inv_freq)
                 parts["ik"] = ik  # [B, N, c_I]
-                iq, iw = self.indexer.queries(qr, x, pos, self.inv_freq)
+                iq, iw = self.indexer.queries(qr, x, pos, self.inv_freq, rope)
                 idx = topk_indices(index_scores(iq, iw, ik), vis, self.cfg.index_topk)
                 sel = torch.zeros(b, s, n + 1, dtype=torch.bool, device=x.device)
                 vis = sel.scatter_(-1, idx.masked_fill(idx < 0, n), True)[..., :n]
@@ -129,7 +130,7 @@ class Attention(nn.Module):
                 cache.ikv_state[r], cache.isc_state[r] = ks, ss
 
     # ------------------------------------------------------------------ decode
-    def _decode_keys(self, x, qr, kv, pos, cache):
+    def _decode_keys(self, x, qr, kv, pos, cache, rope):
         """keys [B, W + K, c], allowed [B, 1, W + K] for one token per row."""
         p = pos[:, 0]  # [B]
         b, w, m = x.shape[0], self.window, self.ratio
@@ -150,7 +151,7 @@ class Attention(nn.Module):
                     x, p, cache.ikv_state, cache.isc_state, self.inv_freq
                 )
                 cache.index.write(rows[emit], (p // m)[emit], ientry[emit])
-                iq, iw = self.indexer.queries(qr, x, pos, self.inv_freq)
+                iq, iw = self.indexer.queries(qr, x, pos, self.inv_freq, rope)
                 scores = index_scores(iq, iw, cache.index.read(n))  # [B, 1, N]
                 idx = topk_indices(scores, vis[:, None], self.cfg.index_topk)[:, 0]  # [B, K]
                 keys.append(cache.comp.gather(idx.clamp(min=0)))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from policy.config import V4Config
-from policy.layers import Linear, RMSNorm
+from policy.layers import Linear, RMSNorm, f32
 from policy.quant import fake_quant_fp4, fake_quant_fp8
 from policy.rope import apply_rope
 
@@ -88,9 +88,9 @@ class Compressor(nn.Module):
 
     def project(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, S, d], pos [B, S] -> kv [B, S, C], score [B, S, C] (fp32, ape[pos % m] added)."""
-        xf = x.float()
-        kv = F.linear(xf, self.wkv.weight.float())
-        score = F.linear(xf, self.wgate.weight.float()) + self.ape[pos % self.ratio]
+        xf = f32(x)
+        kv = F.linear(xf, f32(self.wkv.weight))
+        score = F.linear(xf, f32(self.wgate.weight)) + self.ape[pos % self.ratio]
         return kv, score
 
     def pool(self, kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:

@@ -27,11 +27,18 @@ class Indexer(nn.Module):
         self.compressor = Compressor(cfg, ratio, self.head_dim, for_indexer=True)
 
     def queries(
-        self, qr: torch.Tensor, x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor
+        self,
+        qr: torch.Tensor,
+        x: torch.Tensor,
+        pos: torch.Tensor,
+        inv_freq: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """qr [B, S, d_c], x [B, S, d], pos [B, S] -> q [B, S, h, c] fp32, w [B, S, h] fp32."""
+        """qr [B, S, d_c], x [B, S, d], pos [B, S] -> q [B, S, h, c] fp32, w [B, S, h] fp32.
+
+        ``rope``: the ``rope_tables`` of pos when the caller has them."""
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
-        q = quantize_index(apply_rope(q, pos, inv_freq), self.cfg)
+        q = quantize_index(apply_rope(q, pos, inv_freq, tables=rope), self.cfg)
         w = self.weights_proj(x).float() * (self.head_dim**-0.5 * self.n_heads**-0.5)
         return q, w
 

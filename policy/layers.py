@@ -6,6 +6,16 @@ import torch
 from torch import nn
 
 
+def f32(t: torch.Tensor) -> torch.Tensor:
+    """``t.float()`` without a dispatch when ``t`` is fp32 already (hot decode paths)."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without a dispatch when ``t`` has that dtype already."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class RMSNorm(nn.Module):
     """y = x / rms(x) * weight over the last dim; math in fp32, result in x's dtype."""
 
@@ -15,15 +25,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = f32(x)
         xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        return as_dtype(xf * f32(self.weight), x.dtype)
 
 
 def unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     """RMS-normalise the last dim with no weight (the per-head query norm), in fp32."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
+    xf = f32(x)
+    return as_dtype(xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps), x.dtype)
 
 
 class Linear(nn.Linear):

@@ -9,12 +9,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from policy.layers import as_dtype, f32
+
 
 def hc_mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
     """Unweighted-RMS-normalised mix logits: x [B, S, n, d], fn [M, n*d] -> [B, S, M] fp32."""
-    xf = x.flatten(2).float()  # [B, S, n*d]
+    xf = f32(x.flatten(2))  # [B, S, n*d]
     rsqrt = torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm_eps)
-    return F.linear(xf, fn.float()) * rsqrt
+    return F.linear(xf, f32(fn)) * rsqrt
 
 
 def sinkhorn_split(
@@ -78,12 +80,12 @@ def _sinkhorn_numpy(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
 
 def hc_pre(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
     """Collapse streams: y = sum_j pre_j X_j. x [B,S,n,d], pre [B,S,n] -> [B,S,d] (x.dtype)."""
-    return (pre.unsqueeze(-1) * x.float()).sum(dim=2).to(x.dtype)
+    return as_dtype((pre.unsqueeze(-1) * f32(x)).sum(dim=2), x.dtype)
 
 
 def hc_post(
     f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor
 ) -> torch.Tensor:
     """X'[k] = post_k F + sum_j comb[j, k] X[j].  f [B,S,d], x [B,S,n,d] -> [B,S,n,d]."""
-    mixed = torch.einsum("bsjk,bsjd->bskd", comb, x.float())
-    return (post.unsqueeze(-1) * f.float().unsqueeze(-2) + mixed).to(x.dtype)
+    mixed = torch.einsum("bsjk,bsjd->bskd", comb, f32(x))
+    return as_dtype(post.unsqueeze(-1) * f32(f).unsqueeze(-2) + mixed, x.dtype)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from policy.config import V4Config
-from policy.layers import Linear
+from policy.layers import Linear, as_dtype, f32
 
 
 class Expert(nn.Module):
@@ -26,15 +26,15 @@ class Expert(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, d], weights [T, 1] (routing weight, applied before w2) -> [T, d]."""
-        gate = self.w1(x).float()
-        up = self.w3(x).float()
+        gate = f32(self.w1(x))
+        up = f32(self.w3(x))
         if self.limit > 0:
             gate = gate.clamp(max=self.limit)
             up = up.clamp(-self.limit, self.limit)
         h = F.silu(gate) * up
         if weights is not None:
             h = weights * h
-        return self.w2(h.to(x.dtype))
+        return self.w2(as_dtype(h, x.dtype))
 
 
 class Gate(nn.Module):
@@ -56,11 +56,11 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, d], ids [T] -> (weights [T, k] fp32, indices [T, k] int64)."""
-        scores = F.softplus(F.linear(x.float(), self.weight.float())).sqrt()  # [T, E]
+        scores = F.softplus(F.linear(f32(x), f32(self.weight))).sqrt()  # [T, E]
         if self.hash:
             indices = self.tid2eid[ids].long()
         else:
-            indices = (scores + self.bias.float()).topk(self.topk, dim=-1).indices
+            indices = (scores + f32(self.bias)).topk(self.topk, dim=-1).indices
         weights = scores.gather(1, indices)
         weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights * self.route_scale, indices

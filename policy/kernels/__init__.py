@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from policy.layers import as_dtype, f32
+
 # Largest [B, S_chunk, H, N] logits block materialised at once (fp32 elements): long prefills
 # run their queries in chunks so memory stays O(S * N / chunks), not O(S * N * H * B).
 MAX_BLOCK_ELEMS = 1 << 24
@@ -39,11 +41,11 @@ def sparse_attention(
             for i in range(0, s, step)
         ]
         return torch.cat(parts, dim=1)
-    kvf = kv.float()
-    logits = torch.einsum("bshc,bnc->bshn", q.float(), kvf) * scale
+    kvf, sink = f32(kv), f32(sink)
+    logits = torch.einsum("bshc,bnc->bshn", f32(q), kvf) * scale
     logits = logits.masked_fill(~allowed[:, :, None, :], float("-inf"))
-    mx = torch.maximum(logits.amax(dim=-1), sink.float())  # [B, S, H]
+    mx = torch.maximum(logits.amax(dim=-1), sink)  # [B, S, H]
     p = torch.exp(logits - mx[..., None])
-    denom = p.sum(dim=-1) + torch.exp(sink.float() - mx)
+    denom = p.sum(dim=-1) + torch.exp(sink - mx)
     o = torch.einsum("bshn,bnc->bshc", p, kvf) / denom[..., None]
-    return o.to(q.dtype)
+    return as_dtype(o, q.dtype)
