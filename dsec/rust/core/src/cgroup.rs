@@ -132,6 +132,17 @@ pub struct SandboxCgroup {
     layout: Layout,
     /// (directory, cgroup the outer init moves back to before removing it) per hierarchy.
     pub dirs: Vec<(PathBuf, PathBuf)>,
+    /// The OOM-event and peak-usage files, opened once (read around every call).
+    oom_file: Option<std::fs::File>,
+    peak_file: Option<std::fs::File>,
+}
+
+/// Reads a whole (small) control file from offset 0 of an open descriptor.
+fn pread_text(f: &std::fs::File) -> Option<String> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 1024];
+    let n = f.read_at(&mut buf, 0).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
 fn write(dir: &Path, file: &str, val: &str) -> Result<()> {
@@ -165,6 +176,8 @@ impl SandboxCgroup {
         let mut cg = SandboxCgroup {
             layout,
             dirs: Vec::new(),
+            oom_file: None,
+            peak_file: None,
         };
         for p in parents {
             let d = p.join(&name);
@@ -192,7 +205,22 @@ impl SandboxCgroup {
                 write(&cg.dirs[0].0, "pids.max", &pids)?;
             }
         }
+        let (oom, peak) = cg.files();
+        cg.oom_file = std::fs::File::open(cg.memdir().join(oom)).ok();
+        cg.peak_file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(cg.memdir().join(peak))
+            .ok();
         Ok(cg)
+    }
+
+    /// Names of the OOM-event and peak-usage files of this layout.
+    fn files(&self) -> (&'static str, &'static str) {
+        match self.layout {
+            Layout::V1 { .. } => ("memory.oom_control", "memory.max_usage_in_bytes"),
+            Layout::V2 { .. } => ("memory.events", "memory.peak"),
+        }
     }
 
     fn memdir(&self) -> &Path {
@@ -201,35 +229,33 @@ impl SandboxCgroup {
 
     /// The OOM-kill counter of the sandbox.
     pub fn oom_kills(&self) -> u64 {
-        match self.layout {
-            Layout::V1 { .. } => {
-                read(self.memdir(), "memory.oom_control").and_then(|t| field(&t, "oom_kill "))
-            }
-            Layout::V2 { .. } => {
-                read(self.memdir(), "memory.events").and_then(|t| field(&t, "oom_kill "))
-            }
-        }
-        .unwrap_or(0)
+        let text = match &self.oom_file {
+            Some(f) => pread_text(f),
+            None => read(self.memdir(), self.files().0),
+        };
+        text.and_then(|t| field(&t, "oom_kill ")).unwrap_or(0)
     }
 
     /// Resets the peak-memory watermark (best effort).
     pub fn reset_peak(&self) {
-        let f = match self.layout {
-            Layout::V1 { .. } => "memory.max_usage_in_bytes",
-            Layout::V2 { .. } => "memory.peak",
-        };
-        let _ = std::fs::write(self.memdir().join(f), "0");
+        use std::os::unix::fs::FileExt;
+        match &self.peak_file {
+            Some(f) => {
+                let _ = f.write_at(b"0", 0);
+            }
+            None => {
+                let _ = std::fs::write(self.memdir().join(self.files().1), "0");
+            }
+        }
     }
 
     /// Peak memory since the last reset, bytes.
     pub fn peak(&self) -> u64 {
-        let f = match self.layout {
-            Layout::V1 { .. } => "memory.max_usage_in_bytes",
-            Layout::V2 { .. } => "memory.peak",
+        let text = match &self.peak_file {
+            Some(f) => pread_text(f),
+            None => read(self.memdir(), self.files().1),
         };
-        read(self.memdir(), f)
-            .and_then(|t| t.trim().parse().ok())
-            .unwrap_or(0)
+        text.and_then(|t| t.trim().parse().ok()).unwrap_or(0)
     }
 
     /// Removes the directories (retrying while the kernel finishes tearing tasks down).

@@ -156,36 +156,33 @@ impl Sandbox {
                 Error::Setup(format!("send config: {e}")),
             ));
         }
-        let mut pid = 0u32;
-        loop {
-            let body = match wire::read_frame(&mut sock) {
-                Ok(Some(b)) => b,
-                Ok(None) => {
-                    return Err(abort(
-                        &mut child,
-                        &cg,
-                        Error::Setup("init exited during setup".into()),
-                    ))
-                }
-                Err(e) => return Err(abort(&mut child, &cg, Error::Setup(format!("init: {e}")))),
-            };
-            let mut d = Dec::new(&body);
-            match d.u8() {
-                Ok(tag::SPAWNED) => pid = d.u32().unwrap_or(0),
-                Ok(tag::READY) => break,
-                Ok(tag::ERROR) => {
-                    let e = wire::decode_error(&mut d);
-                    return Err(abort(&mut child, &cg, e));
-                }
-                _ => {
-                    return Err(abort(
-                        &mut child,
-                        &cg,
-                        Error::Setup("unexpected frame from init".into()),
-                    ))
-                }
+        // One frame answers the config: READY with the host pid of pid 1, or an error.
+        let body = match wire::read_frame(&mut sock) {
+            Ok(Some(b)) => b,
+            Ok(None) => {
+                return Err(abort(
+                    &mut child,
+                    &cg,
+                    Error::Setup("init exited during setup".into()),
+                ))
             }
-        }
+            Err(e) => return Err(abort(&mut child, &cg, Error::Setup(format!("init: {e}")))),
+        };
+        let mut d = Dec::new(&body);
+        let pid = match d.u8() {
+            Ok(tag::READY) => d.u32().unwrap_or(0),
+            Ok(tag::ERROR) => {
+                let e = wire::decode_error(&mut d);
+                return Err(abort(&mut child, &cg, e));
+            }
+            _ => {
+                return Err(abort(
+                    &mut child,
+                    &cg,
+                    Error::Setup("unexpected frame from init".into()),
+                ))
+            }
+        };
         Ok(Sandbox {
             inner: Mutex::new(Inner {
                 sock: Some(sock),

@@ -276,8 +276,47 @@ fn compile(
 
 /// Compiles the deny-list and the `clone3` filter; plus the x32 filter on x86_64.
 pub fn build_filters() -> Result<Vec<BpfProgram>, String> {
+    let mut out = vec![compile_deny(deny_rules())?];
+    out.extend(tail_filters()?);
+    Ok(out)
+}
+
+/// The same filters split by who installs them, so a child attaches one tiny filter instead
+/// of compiling the whole deny-list again: `init` holds the deny-list without the `clone`
+/// rule, the `clone3` filter and the x32 filter, installed once on the init itself after
+/// setup and inherited by every process it starts; `child` holds the `clone` rule (the init
+/// itself creates pid namespaces), installed by each child before execve. Stacked, they
+/// answer every syscall exactly as [`build_filters`] does: the rules are disjoint by syscall
+/// number and carry the same actions.
+pub struct SplitFilters {
+    pub init: Vec<BpfProgram>,
+    pub child: Vec<BpfProgram>,
+}
+
+/// Builds [`SplitFilters`].
+pub fn build_split() -> Result<SplitFilters, String> {
+    let (clone, rest): (Vec<_>, Vec<_>) = deny_rules()
+        .into_iter()
+        .partition(|r| r.nr == libc::SYS_clone);
+    let mut init = vec![compile_deny(rest)?];
+    init.extend(tail_filters()?);
+    Ok(SplitFilters {
+        init,
+        child: vec![compile_deny(clone)?],
+    })
+}
+
+fn tail_filters() -> Result<Vec<BpfProgram>, String> {
+    let clone3 = BTreeMap::from([(libc::SYS_clone3, vec![])]);
+    let mut out = vec![compile(clone3, SeccompAction::Errno(libc::ENOSYS as u32))?];
+    #[cfg(target_arch = "x86_64")]
+    out.push(x32_filter());
+    Ok(out)
+}
+
+fn compile_deny(rules: Vec<DenyRule>) -> Result<BpfProgram, String> {
     let mut map: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for r in deny_rules() {
+    for r in rules {
         let mut chain = Vec::new();
         for conj in &r.when {
             let conds = conj
@@ -289,12 +328,7 @@ pub fn build_filters() -> Result<Vec<BpfProgram>, String> {
         }
         map.insert(r.nr, chain);
     }
-    let mut out = vec![compile(map, SeccompAction::Errno(libc::EPERM as u32))?];
-    let clone3 = BTreeMap::from([(libc::SYS_clone3, vec![])]);
-    out.push(compile(clone3, SeccompAction::Errno(libc::ENOSYS as u32))?);
-    #[cfg(target_arch = "x86_64")]
-    out.push(x32_filter());
-    Ok(out)
+    compile(map, SeccompAction::Errno(libc::EPERM as u32))
 }
 
 /// Rejects syscall numbers with the x32 bit on x86_64 (ENOSYS); everything else passes.
@@ -396,5 +430,28 @@ mod tests {
         let f = build_filters().unwrap();
         assert!(f.len() >= 2);
         assert!(f.iter().all(|p| !p.is_empty() && p.len() < 4096));
+    }
+
+    #[test]
+    fn split_filters_keep_every_rule() {
+        let whole = build_filters().unwrap();
+        let split = build_split().unwrap();
+        // The init carries the same stack minus the clone rule; the child adds that rule only.
+        assert_eq!(split.init.len(), whole.len());
+        assert_eq!(split.child.len(), 1);
+        assert_eq!(split.init[1..], whole[1..]);
+        assert!(split.init[0].len() < whole[0].len());
+        let nr = |p: &BpfProgram| {
+            p.iter()
+                .filter(|i| i.code == 0x15 && i.k == libc::SYS_clone as u32)
+                .count()
+        };
+        assert_eq!(
+            nr(&split.init[0]),
+            0,
+            "the init must stay able to clone namespaces"
+        );
+        assert!(nr(&split.child[0]) >= 1);
+        assert!(nr(&whole[0]) >= 1);
     }
 }

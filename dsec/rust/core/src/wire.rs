@@ -157,7 +157,6 @@ pub mod tag {
     pub const WRITE: u8 = 5;
     /// Cancels the call in flight (sent by the host while it waits; never answered).
     pub const CANCEL: u8 = 6;
-    pub const SPAWNED: u8 = 0x80;
     pub const READY: u8 = 0x81;
     pub const RESULT: u8 = 0x82;
     pub const DATA: u8 = 0x83;

@@ -11,7 +11,14 @@ pub struct Confinement {
     pub filters: Vec<BpfProgram>,
     /// Landlock ruleset fd, or -1 when landlock is not available (and not required).
     pub landlock_fd: RawFd,
-    pub cap_last: u32,
+    /// Capabilities still in the init's bounding set (see [`Confinement::probe`]); the child
+    /// drops each of them, which empties its bounding set.
+    pub bound_caps: Vec<u32>,
+    /// Signals whose disposition in the init is not SIG_DFL; only these need a reset (an
+    /// ignored disposition would survive execve).
+    pub reset_signals: Vec<libc::c_int>,
+    /// Whether the init's own oom_score_adj differs from 0 (children inherit it otherwise).
+    pub reset_oom: bool,
     pub nofile: u64,
     pub fsize: u64,
     pub nproc: u64,
@@ -45,14 +52,42 @@ fn prctl(op: libc::c_int, a: libc::c_ulong, what: &str) -> Result<(), String> {
     .map_err(|e| format!("prctl {what}: {e}"))
 }
 
+impl Confinement {
+    /// Reads, once in the init after its own setup, what every child has to undo: the signals
+    /// not at their default disposition, the capabilities left in the bounding set (up to
+    /// `cap_last`) and whether oom_score_adj is non-zero. The init changes none of them later,
+    /// so a forked child starts from exactly this state and [`enter`] stays complete.
+    pub fn probe(cap_last: u32) -> (Vec<u32>, Vec<libc::c_int>, bool) {
+        let caps = (0..=cap_last)
+            .filter(|&c| {
+                // SAFETY: prctl with integer arguments.
+                unsafe { libc::prctl(libc::PR_CAPBSET_READ, c as libc::c_ulong, 0, 0, 0) != 0 }
+            })
+            .collect();
+        let sigs = (1..libc::SIGRTMAX())
+            .filter(|&sig| sig != libc::SIGKILL && sig != libc::SIGSTOP)
+            .filter(|&sig| {
+                // SAFETY: querying a disposition into a zeroed sigaction.
+                unsafe {
+                    let mut old: libc::sigaction = std::mem::zeroed();
+                    libc::sigaction(sig, std::ptr::null(), &mut old) != 0
+                        || old.sa_sigaction != libc::SIG_DFL
+                }
+            })
+            .collect();
+        let oom = std::fs::read_to_string("/proc/self/oom_score_adj")
+            .map(|t| t.trim() != "0")
+            .unwrap_or(true);
+        (caps, sigs, oom)
+    }
+}
+
 /// Applies the confinement to the calling (single-threaded, freshly forked) process.
 pub fn enter(c: &Confinement, cpu_seconds: Option<u64>) -> Result<(), String> {
     // SAFETY: resetting signal dispositions and the mask in a single-threaded child.
     unsafe {
-        for sig in 1..libc::SIGRTMAX() {
-            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::signal(sig, libc::SIG_DFL);
-            }
+        for &sig in &c.reset_signals {
+            libc::signal(sig, libc::SIG_DFL);
         }
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
@@ -60,7 +95,9 @@ pub fn enter(c: &Confinement, cpu_seconds: Option<u64>) -> Result<(), String> {
         libc::setsid();
         libc::umask(0o022);
     }
-    let _ = write_path("/proc/self/oom_score_adj", b"0");
+    if c.reset_oom {
+        let _ = write_path("/proc/self/oom_score_adj", b"0");
+    }
     rlimit(libc::RLIMIT_NOFILE, c.nofile, c.nofile, "NOFILE")?;
     rlimit(libc::RLIMIT_FSIZE, c.fsize, c.fsize, "FSIZE")?;
     rlimit(libc::RLIMIT_CORE, 0, 0, "CORE")?;
@@ -69,7 +106,7 @@ pub fn enter(c: &Confinement, cpu_seconds: Option<u64>) -> Result<(), String> {
         rlimit(libc::RLIMIT_CPU, s, s + 1, "CPU")?;
     }
     prctl(libc::PR_SET_SECUREBITS, SECBITS, "SET_SECUREBITS")?;
-    for cap in 0..=c.cap_last {
+    for &cap in &c.bound_caps {
         prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, "CAPBSET_DROP")?;
     }
     // SAFETY: prctl with integer arguments.

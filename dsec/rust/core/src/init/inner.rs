@@ -154,7 +154,7 @@ fn setup(p: &Policy) -> Result<State, String> {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(40);
-    let filters = crate::seccomp::build_filters()?;
+    let filters = crate::seccomp::build_split()?;
     let abi = crate::landlock::abi_version();
     let landlock_fd = if abi == 0 {
         if p.require_landlock {
@@ -184,11 +184,17 @@ fn setup(p: &Policy) -> Result<State, String> {
         .filter_map(|e| CString::new(e).ok())
         .collect();
     keep_only_needed_caps(cap_last)?;
+    let (bound_caps, reset_signals, reset_oom) = Confinement::probe(cap_last);
+    // Last step: the init confines itself with everything but the clone rule; children inherit
+    // it and add the clone rule alone (see seccomp::SplitFilters).
+    crate::seccomp::apply(&filters.init).map_err(|e| format!("seccomp on the init: {e}"))?;
     Ok(State {
         conf: Confinement {
-            filters,
+            filters: filters.child,
             landlock_fd,
-            cap_last,
+            bound_caps,
+            reset_signals,
+            reset_oom,
             nofile: p.max_open_files,
             fsize: p.disk_bytes,
             nproc: p.max_pids,
@@ -286,11 +292,13 @@ fn handle(st: &mut State, ctrl: RawFd, body: &[u8]) -> Result<Vec<u8>, (u8, Stri
 
 /// Runs the inner part; returns the exit code.
 pub fn run(p: &Policy, sync_r: RawFd) -> i32 {
-    let mut b = [0u8; 1];
-    // SAFETY: reading one byte into a valid buffer.
-    if unsafe { libc::read(sync_r, b.as_mut_ptr().cast(), 1) } != 1 {
+    // The outer part sends our host pid once the id maps are written.
+    let mut b = [0u8; 4];
+    // SAFETY: reading four bytes into a valid buffer.
+    if unsafe { libc::read(sync_r, b.as_mut_ptr().cast(), 4) } != 4 {
         return 1;
     }
+    let host_pid = u32::from_le_bytes(b);
     close(sync_r);
     // SAFETY: process-wide credential and fd setup of a single-threaded process.
     let ctrl = unsafe {
@@ -315,7 +323,9 @@ pub fn run(p: &Policy, sync_r: RawFd) -> i32 {
             return 1;
         }
     };
-    if wire::write_frame(&mut *sock, &Enc::new(tag::READY).0).is_err() {
+    let mut ready = Enc::new(tag::READY);
+    ready.u32(host_pid);
+    if wire::write_frame(&mut *sock, &ready.0).is_err() {
         return 1;
     }
     while let Ok(Some(body)) = wire::read_frame(&mut *sock) {
