@@ -142,7 +142,9 @@ class Attention(nn.Module):
         keys, allowed = [ring], [held >= 0]
         if self.kind != "swa":
             entry, emit = self.compressor.step(x, p, cache.kv_state, cache.sc_state, self.inv_freq)
-            cache.comp.write(rows[emit], (p // m)[emit], entry[emit])
+            if entry is not None:  # some row completed a block
+                er, es = rows[emit], (p // m)[emit]
+                cache.comp.write(er, es, entry[emit])
             nvis = (p + 1) // m  # [B] visible compressed entries
             n = int(nvis.max())
             vis = torch.arange(n, device=x.device)[None] < nvis[:, None]  # [B, N]
@@ -150,7 +152,8 @@ class Attention(nn.Module):
                 ientry, _ = self.indexer.compressor.step(
                     x, p, cache.ikv_state, cache.isc_state, self.inv_freq
                 )
-                cache.index.write(rows[emit], (p // m)[emit], ientry[emit])
+                if ientry is not None:  # the same rows complete the indexer's block
+                    cache.index.write(er, es, ientry[emit])
                 iq, iw = self.indexer.queries(qr, x, pos, self.inv_freq, rope)
                 scores = index_scores(iq, iw, cache.index.read(n))  # [B, 1, N]
                 idx = topk_indices(scores, vis[:, None], self.cfg.index_topk)[:, 0]  # [B, K]

@@ -172,15 +172,15 @@ class Compressor(nn.Module):
         kv_state: torch.Tensor,
         sc_state: torch.Tensor,
         inv_freq: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """One decode token per row; updates the states in place.
 
         Args:
             x: [B, 1, d]; pos: [B] position of this token.
             kv_state / sc_state: [B, 2m|m, C] fp32.
         Returns:
-            entry [B, c] (valid where emit; not yet quantised: the cache rounds it on write),
-            emit [B] bool: rows whose block completed.
+            entry [B, c] (valid where emit; not yet quantised: the cache rounds it on write), or
+            None when no row completed a block; emit [B] bool: rows whose block completed.
         """
         m = self.ratio
         kv, score = self.project(x, pos[:, None])  # [B, 1, C]
@@ -190,7 +190,7 @@ class Compressor(nn.Module):
         sc_state[rows, slot] = score[:, 0]
         emit = (pos + 1) % m == 0
         if not bool(emit.any()):
-            return kv.new_zeros(x.shape[0], self.head_dim), emit
+            return None, emit
         entry = self.pool(kv_state, sc_state)[:, None]  # [B, 1, c]
         entry = self.finish(entry, (pos + 1 - m)[:, None], inv_freq, quant=False)[:, 0]
         if self.overlap:

@@ -5,6 +5,8 @@ Letters: B batch, S sequence, n hc_mult streams, d model width.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -35,7 +37,7 @@ def sinkhorn_split(
     pre = torch.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + eps
     post = 2 * torch.sigmoid(mixes[..., n : 2 * n] * scale[1] + base[n : 2 * n])
     comb = mixes[..., 2 * n :].unflatten(-1, (n, n)) * scale[2] + base[2 * n :].view(n, n)
-    eps_t = torch.tensor(eps, dtype=comb.dtype, device=comb.device)  # no per-op scalar wrapping
+    eps_t = _scalar(eps, comb.dtype, comb.device)  # no per-op scalar wrapping
     comb = comb.softmax(-1) + eps_t
     if _numpy_ok(comb, n):
         return pre, post, _sinkhorn_numpy(comb, iters, eps)
@@ -46,11 +48,23 @@ def sinkhorn_split(
     return pre, post, comb
 
 
+@functools.cache
+def _scalar(v: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 0-dim tensor v (made once per dtype and device; never written to)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.tensor(v, dtype=dtype, device=device)
+
+
+NUMPY_MAX_ROWS = 32  # above this many [n, n] tiles torch's vectorised loop is faster
+
+
 def _numpy_ok(comb: torch.Tensor, n: int) -> bool:
     """The numpy loop applies: fp32 on CPU, no autograd, n <= 4 (both libraries sum so few
-    contiguous elements sequentially; at larger n their vectorised orders differ)."""
+    contiguous elements sequentially; at larger n their vectorised orders differ), and at most
+    ``NUMPY_MAX_ROWS`` tiles (decode-sized; both loops give the same values at any size)."""
     return (
         n <= 4
+        and comb.numel() <= NUMPY_MAX_ROWS * n * n
         and comb.device.type == "cpu"
         and comb.dtype == torch.float32
         and not (torch.is_grad_enabled() and comb.requires_grad)

@@ -259,15 +259,24 @@ def _e2m1_codes(y: torch.Tensor) -> torch.Tensor:
     """fp32 values already divided by their scale -> e2m1 codes (uint8 0..15), saturating at ±6.
 
     Round to nearest, ties to the even code. NaN gives code 0 (the caller marks its block).
-    The magnitude code is the number of midpoints below |y|, counted by one ``bucketize`` over
-    boundaries where a midpoint whose tie goes up is replaced by the fp32 just below it.
+    The magnitude code is the number of midpoints below |y|; on small tensors (decode) counted by
+    one ``bucketize`` over boundaries where a midpoint whose tie goes up is replaced by the fp32
+    just below it.
     """
     a = y.abs().nan_to_num(nan=0.0)  # inf stays inf and lands on the top code
-    mag = torch.bucketize(a, _e2m1_bounds(y.device)).to(torch.uint8)
+    if a.numel() <= BUCKETIZE_MAX_NUMEL:
+        mag = torch.bucketize(a, _e2m1_bounds(y.device)).to(torch.uint8)
+    else:  # the same count, one comparison per midpoint (faster on large tensors)
+        mag = torch.zeros(y.shape, dtype=torch.uint8, device=y.device)
+        for i, m in enumerate(_E2M1_MIDPOINTS):
+            # midpoint i lies between codes i and i+1: the tie goes up only when i+1 is even.
+            up = (a >= m) if i % 2 == 1 else (a > m)
+            mag += up.to(torch.uint8)
     sign = (torch.signbit(y) & ~torch.isnan(y)).to(torch.uint8) << 3
     return mag | sign
 
 
+BUCKETIZE_MAX_NUMEL = 4096
 _E2M1_BOUNDS: dict[torch.device, torch.Tensor] = {}
 
 

@@ -325,7 +325,7 @@ def test_fast_scale_rules_equal_the_float64_rules():
 
 
 def test_e2m1_codes_equal_the_midpoint_rule():
-    from policy.quant import _E2M1_MIDPOINTS, _e2m1_codes
+    from policy.quant import _E2M1_MIDPOINTS, BUCKETIZE_MAX_NUMEL, _e2m1_codes
 
     y = _adversarial_fp32(seed=1)
     y = torch.cat((y, -y, torch.tensor([float("nan"), -float("inf")])))
@@ -334,4 +334,7 @@ def test_e2m1_codes_equal_the_midpoint_rule():
     for i, m in enumerate(_E2M1_MIDPOINTS):  # tie goes up only when code i + 1 is even
         mag += ((a >= m) if i % 2 == 1 else (a > m)).to(torch.uint8)
     want = mag | ((torch.signbit(y) & ~torch.isnan(y)).to(torch.uint8) << 3)
+    assert y.numel() > BUCKETIZE_MAX_NUMEL  # both ways of counting: one call, small chunks
     assert torch.equal(_e2m1_codes(y), want)
+    chunks = y.split(BUCKETIZE_MAX_NUMEL // 2)
+    assert torch.equal(torch.cat([_e2m1_codes(c) for c in chunks]), want)
