@@ -5,7 +5,8 @@ sink, partial interleaved RoPE (inverse RoPE on the output) and a grouped output
 Letters: B batch, S tokens, H heads, c head dim, W window, N compressed entries, m ratio,
 g output groups, d_g per-group rank.
 
-Two callers share the same projections and the same kernel (``sparse_attention``):
+Two callers share the same projections and the same kernel (``attention_core``: by
+``cfg.attn_impl``, the torch ``sparse_attention`` or the Triton gathered-index kernel):
 - full sequence from position 0 (training, prefill): keys = [S raw kv | N compressed];
 - one decode token per row at per-row positions: keys = [W ring slots | chosen compressed].
 """
@@ -18,7 +19,7 @@ from torch import nn
 from policy.compressor import Compressor, quantize_kv
 from policy.config import V4Config
 from policy.indexer import Indexer, index_scores, topk_indices
-from policy.kernels import sparse_attention
+from policy.kernels import attention_core
 from policy.layers import Linear, RMSNorm, unit_rms
 from policy.rope import apply_rope, rope_inv_freq, rope_tables
 
@@ -73,7 +74,7 @@ class Attention(nn.Module):
         else:  # the cache quantises on write; reads return the stored values
             assert s == 1, "decode takes one token per row"
             keys, allowed = self._decode_keys(x, qr, kv, pos, cache, rope)
-        o = sparse_attention(q, keys, allowed, self.attn_sink, self.softmax_scale)
+        o = attention_core(q, keys, allowed, self.attn_sink, self.softmax_scale, cfg.attn_impl)
         o = apply_rope(o, pos, self.inv_freq, inverse=True, tables=rope)  # [B, S, H, c]
         o = o.flatten(2).unflatten(-1, (self.groups, -1))  # [B, S, g, H*c/g]
         wo_a = self.wo_a.weight.view(self.groups, self.o_rank, -1)  # [g, d_g, H*c/g]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 KV_DTYPES = ("fp8", "bfloat16", "float32")
+ATTN_IMPLS = ("torch", "triton")
 
 
 @dataclass
@@ -64,6 +65,9 @@ class V4Config:
         kv_quant_block: FP8 scale block of the KV nope dims (64).
         index_quant_block: FP4 (MXFP4) scale block of the indexer keys and queries (32).
         dtype: parameter dtype name ("float32" for CPU training, "bfloat16" as in the release).
+        attn_impl: attention core: "torch" (default; dense-mask kernel of policy.kernels) or
+            "triton" (the gathered-index Triton kernel of policy.kernels.triton_sparse_attn; on
+            CPU tensors it needs the Triton interpreter, TRITON_INTERPRET=1). Forward only.
     """
 
     vocab_size: int = 129280
@@ -111,6 +115,7 @@ class V4Config:
     kv_quant_block: int = 64
     index_quant_block: int = 32
     dtype: str = "float32"
+    attn_impl: str = "torch"
 
     def __post_init__(self) -> None:
         self.compress_ratios = tuple(int(r) for r in self.compress_ratios)
@@ -143,6 +148,8 @@ class V4Config:
         for name in ("num_hash_layers", "n_shared_experts", "num_nextn_predict_layers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
         if self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):

@@ -7,6 +7,8 @@ The naive reference that builds the full attention matrix from the visibility ru
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from policy.layers import as_dtype, f32
@@ -14,6 +16,42 @@ from policy.layers import as_dtype, f32
 # Largest [B, S_chunk, H, N] logits block materialised at once (fp32 elements): long prefills
 # run their queries in chunks so memory stays O(S * N / chunks), not O(S * N * H * B).
 MAX_BLOCK_ELEMS = 1 << 24
+
+
+def allowed_to_indices(allowed: torch.Tensor) -> torch.Tensor:
+    """Dense visibility allowed [B, S, N] bool -> index lists [B, S, K] int64 (K = most keys
+    any query sees; each row's keys in ascending order, then -1 padding)."""
+    k = int(allowed.sum(-1).max()) if allowed.numel() else 0
+    order = (~allowed).to(torch.uint8).argsort(dim=-1, stable=True)[..., :k]  # allowed first
+    return order.masked_fill(~allowed.gather(-1, order), -1)
+
+
+def attention_core(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    allowed: torch.Tensor,
+    sink: torch.Tensor,
+    scale: float,
+    impl: str = "torch",
+) -> torch.Tensor:
+    """``sparse_attention`` by implementation ``impl``: "torch" (that function) or "triton"
+    (the gathered-index Triton kernel on the allowed keys; no autograd). Same shapes."""
+    if impl == "torch":
+        return sparse_attention(q, kv, allowed, sink, scale)
+    if impl != "triton":
+        raise ValueError(f"attention impl must be 'torch' or 'triton', got {impl!r}")
+    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "attn_impl 'triton' on CPU tensors needs the Triton interpreter (TRITON_INTERPRET=1 "
+            "set before triton is imported)"
+        )
+    if torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad or sink.requires_grad):
+        raise ValueError("attn_impl 'triton' has no backward; train with attn_impl 'torch'")
+    from policy.kernels.triton_sparse_attn import triton_sparse_attention
+
+    kv = kv.to(q.dtype) if q.dtype in (torch.bfloat16, torch.float16) else kv.float()
+    q = q if q.dtype in (torch.bfloat16, torch.float16) else q.float()
+    return triton_sparse_attention(q, kv, allowed_to_indices(allowed), sink, scale)
 
 
 def sparse_attention(

@@ -134,6 +134,7 @@ def test_from_json_inference_aliases(tmp_path):
         ("num_experts_per_tok", 99),
         ("hidden_size", 0),
         ("qk_rope_head_dim", 7),
+        ("attn_impl", "cuda"),
     ],
 )
 def test_validation_names_field(field, value):
