@@ -6,9 +6,9 @@ use crate::init::outer_config;
 use crate::policy::{check_env, check_timeout, Policy};
 use crate::wire::{self, tag, Dec, Enc};
 use crate::{Error, Result};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
@@ -53,6 +53,113 @@ fn memfd_path(bytes: &'static [u8]) -> Result<String> {
     fd.clone()
         .map(|fd| format!("/proc/self/fd/{fd}"))
         .map_err(Error::Setup)
+}
+
+/// The launcher of this host process (see `init::launcher`): started once per image, forks
+/// one outer init per sandbox.
+struct Launcher {
+    owner: u32,
+    prog: String,
+    sock: UnixStream,
+    child: std::process::Child,
+}
+
+static LAUNCHER: Mutex<Option<Launcher>> = Mutex::new(None);
+
+fn start_launcher(prog: &str, env: &[(String, String)]) -> Result<Launcher> {
+    let (sock, theirs) =
+        UnixStream::pair().map_err(|e| Error::Setup(format!("socketpair: {e}")))?;
+    let mut cmd = Command::new(prog);
+    cmd.env_clear()
+        .envs(env.iter().cloned())
+        .stdin(Stdio::from(OwnedFd::from(theirs)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // It exits when this process closes its socket (or exits); reaped when replaced.
+    let child = cmd
+        .spawn()
+        .map_err(|e| Error::Setup(format!("spawn init: {e}")))?;
+    let _ = sock.set_read_timeout(Some(Duration::from_secs(30)));
+    Ok(Launcher {
+        owner: std::process::id(),
+        prog: prog.to_string(),
+        sock,
+        child,
+    })
+}
+
+/// Starts an outer init: returns the host end of its control socket and a pidfd of it.
+fn launch(prog: &str, env: &[(String, String)]) -> Result<(UnixStream, OwnedFd)> {
+    let mut g = LAUNCHER.lock().unwrap_or_else(|p| p.into_inner());
+    for _ in 0..2 {
+        let me = std::process::id();
+        match g.take() {
+            Some(l) if l.owner == me && l.prog == prog => *g = Some(l),
+            Some(mut l) if l.owner == me => {
+                drop(l.sock);
+                let _ = l.child.wait();
+            }
+            // A launcher inherited through fork belongs to the parent: leave its socket alone.
+            Some(l) if l.owner != me => std::mem::forget(l),
+            _ => {}
+        }
+        if g.is_none() {
+            *g = Some(start_launcher(prog, env)?);
+        }
+        let Some(l) = g.as_ref() else { continue };
+        let (sock, theirs) =
+            UnixStream::pair().map_err(|e| Error::Setup(format!("socketpair: {e}")))?;
+        let fd = l.sock.as_raw_fd();
+        let answer = crate::sys::send_fd(fd, 1, Some(theirs.as_raw_fd()))
+            .and_then(|_| crate::sys::recv_fd(fd));
+        drop(theirs);
+        match answer {
+            Ok(Some((1, Some(pidfd)))) => {
+                // SAFETY: recv_fd handed us this descriptor; nothing else owns it.
+                return Ok((sock, unsafe { OwnedFd::from_raw_fd(pidfd) }));
+            }
+            Ok(Some((_, fd))) => {
+                crate::sys::close(fd.unwrap_or(-1));
+                return Err(Error::Setup("the init launcher could not fork".into()));
+            }
+            // The launcher is gone (killed, or an earlier failure): reap it, start a fresh one.
+            _ => {
+                if let Some(mut l) = g.take() {
+                    let _ = l.child.kill();
+                    let _ = l.child.wait();
+                }
+            }
+        }
+    }
+    Err(Error::Setup("the init launcher does not answer".into()))
+}
+
+/// Waits until the process behind `pidfd` has exited.
+fn wait_pidfd(pidfd: &OwnedFd) {
+    let mut p = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: p is a valid pollfd; retried on EINTR.
+    while unsafe { libc::poll(&mut p, 1, -1) } < 0
+        && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
+    {}
+}
+
+/// SIGKILLs the process behind `pidfd` and waits for it.
+fn kill_pidfd(pidfd: &OwnedFd) {
+    // SAFETY: pidfd_send_signal with a pidfd we own.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    wait_pidfd(pidfd);
 }
 
 /// Largest stdin, file or code payload one call carries.
@@ -100,7 +207,8 @@ pub struct ExecOutput {
 
 struct Inner {
     sock: Option<UnixStream>,
-    child: Option<Child>,
+    /// pidfd of the outer init (it exits once the sandbox is torn down and its cgroup gone).
+    child: Option<OwnedFd>,
     cg: Option<SandboxCgroup>,
 }
 
@@ -128,22 +236,12 @@ impl Sandbox {
             cg.remove();
             e
         };
-        let (mut sock, theirs) = match UnixStream::pair() {
+        let (mut sock, mut child) = match launch(&prog, &env) {
             Ok(p) => p,
-            Err(e) => return Err(fail(&cg, Error::Setup(format!("socketpair: {e}")))),
+            Err(e) => return Err(fail(&cg, e)),
         };
-        let mut cmd = Command::new(&prog);
-        cmd.env_clear()
-            .envs(env)
-            .stdin(Stdio::from(OwnedFd::from(theirs)));
-        cmd.stdout(Stdio::null()).stderr(Stdio::null());
-        let mut child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) => return Err(fail(&cg, Error::Setup(format!("spawn init: {e}")))),
-        };
-        let abort = |child: &mut Child, cg: &SandboxCgroup, e: Error| {
-            let _ = child.kill();
-            let _ = child.wait();
+        let abort = |child: &mut OwnedFd, cg: &SandboxCgroup, e: Error| {
+            kill_pidfd(child);
             cg.remove();
             e
         };
@@ -234,8 +332,8 @@ impl Sandbox {
         if let Some(s) = g.sock.take() {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
-        if let Some(mut c) = g.child.take() {
-            let _ = c.wait();
+        if let Some(c) = g.child.take() {
+            wait_pidfd(&c);
         }
         if let Some(cg) = g.cg.take() {
             cg.remove();

@@ -103,3 +103,93 @@ pub fn now() -> f64 {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
+
+/// Sends one status byte over a Unix socket, with `fd` attached (SCM_RIGHTS) when given.
+pub fn send_fd(sock: RawFd, status: u8, fd: Option<RawFd>) -> io::Result<()> {
+    let mut byte = [status];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // u64 storage keeps the control buffer aligned for cmsghdr.
+    let mut cbuf = [0u64; 4];
+    // SAFETY: msghdr points at live buffers; CMSG_* stay within cbuf (room for one int).
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        if let Some(fd) = fd {
+            msg.msg_control = cbuf.as_mut_ptr().cast();
+            msg.msg_controllen = libc::CMSG_SPACE(4) as _;
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(4) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>(), fd);
+        }
+        loop {
+            let n = libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL);
+            if n == 1 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if n < 0 && e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(if n < 0 {
+                e
+            } else {
+                io::ErrorKind::WriteZero.into()
+            });
+        }
+    }
+}
+
+/// Receives one status byte and the fd attached to it (close-on-exec), if any. `Ok(None)` at
+/// end of stream.
+pub fn recv_fd(sock: RawFd) -> io::Result<Option<(u8, Option<RawFd>)>> {
+    let mut byte = [0u8];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let mut cbuf = [0u64; 4];
+    // SAFETY: msghdr points at live buffers; the kernel bounds the control data by its length.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
+        let n = loop {
+            let n = libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC);
+            if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            break n;
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut fd = None;
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let got = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+                if fd.is_some() {
+                    libc::close(got);
+                } else {
+                    fd = Some(got);
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+        if n == 0 {
+            if let Some(f) = fd {
+                libc::close(f);
+            }
+            return Ok(None);
+        }
+        Ok(Some((byte[0], fd)))
+    }
+}

@@ -1,0 +1,74 @@
+"""The init launcher: one small process per host process forks each sandbox's outer init (no
+exec per sandbox). It is replaced when it dies, a forked host process gets its own, and
+closing a sandbox still waits until its outer init and cgroups are gone."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from sandbox_helpers import LIMITS, _ppid, proc_state, wait_for
+
+import dsec
+
+
+def launcher_of(sb: dsec.Sandbox) -> tuple[int, int]:
+    """(outer init pid, launcher pid) of a live sandbox, host view."""
+    outer = _ppid(sb.pid)
+    assert outer is not None
+    launcher = _ppid(outer)
+    assert launcher is not None
+    return outer, launcher
+
+
+def test_sandboxes_share_one_launcher_and_close_waits_for_the_outer_init():
+    with dsec.Sandbox(**LIMITS) as a, dsec.Sandbox(**LIMITS) as b:
+        outer_a, launcher = launcher_of(a)
+        outer_b, launcher_b = launcher_of(b)
+        assert launcher == launcher_b and outer_a != outer_b
+        assert _ppid(launcher) == os.getpid()
+    # close() returned only after each outer init exited (reaped by the launcher, not a zombie).
+    assert proc_state(outer_a) is None and proc_state(outer_b) is None
+    assert proc_state(launcher) not in (None, "Z")
+
+
+def test_a_killed_launcher_is_replaced_and_live_sandboxes_keep_working():
+    with dsec.Sandbox(**LIMITS) as old:
+        _, launcher = launcher_of(old)
+        os.kill(launcher, signal.SIGKILL)
+        wait_for(lambda: proc_state(launcher) in (None, "Z"), "the launcher to die")
+        assert old.exec(["echo", "still"]).stdout == b"still\n"
+        with dsec.Sandbox(**LIMITS) as new:
+            _, replacement = launcher_of(new)
+            assert replacement != launcher
+            assert new.exec(["echo", "new"]).stdout == b"new\n"
+    assert proc_state(launcher) is None  # the dead launcher was reaped, not left a zombie
+
+
+def test_a_forked_host_process_starts_its_own_launcher():
+    with dsec.Sandbox(**LIMITS) as sb:
+        _, parent_launcher = launcher_of(sb)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 1
+            try:
+                os.close(r)
+                with dsec.Sandbox(**LIMITS) as mine:
+                    ok = mine.exec(["echo", "child"]).stdout == b"child\n"
+                    own = launcher_of(mine)[1]
+                    os.write(w, f"{int(ok)} {own}".encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        got = os.read(r, 100).decode().split()
+        os.close(r)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert got[0] == "1"
+        assert int(got[1]) != parent_launcher
+        # The parent's launcher still serves the parent.
+        with dsec.Sandbox(**LIMITS) as again:
+            assert launcher_of(again)[1] == parent_launcher
+            assert sb.exec(["true"]).exit_code == 0
