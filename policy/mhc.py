@@ -34,9 +34,12 @@ def sinkhorn_split(
     (sequential over n <= 4 elements in both), additions and divisions in the same order, so the
     result is bitwise the torch loop's (tested); otherwise the torch loop runs.
     """
-    pre = torch.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + eps
-    post = 2 * torch.sigmoid(mixes[..., n : 2 * n] * scale[1] + base[n : 2 * n])
-    comb = mixes[..., 2 * n :].unflatten(-1, (n, n)) * scale[2] + base[2 * n :].view(n, n)
+    # scale[0] on the n pre logits, scale[1] on the n post ones, scale[2] on the n*n comb ones
+    z = mixes * scale.repeat_interleave(_group_sizes(n, scale.device), output_size=(2 + n) * n)
+    z = z + base
+    pre = torch.sigmoid(z[..., :n]) + eps
+    post = 2 * torch.sigmoid(z[..., n : 2 * n])
+    comb = z[..., 2 * n :].unflatten(-1, (n, n))
     eps_t = _scalar(eps, comb.dtype, comb.device)  # no per-op scalar wrapping
     comb = comb.softmax(-1) + eps_t
     if _numpy_ok(comb, n):
@@ -46,6 +49,13 @@ def sinkhorn_split(
         comb = comb / (comb.sum(-1, keepdim=True) + eps_t)
         comb = comb / (comb.sum(-2, keepdim=True) + eps_t)
     return pre, post, comb
+
+
+@functools.cache
+def _group_sizes(n: int, device: torch.device) -> torch.Tensor:
+    """[n, n, n*n] (int64): how many mix logits each of the three scales applies to."""
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.tensor([n, n, n * n], device=device)
 
 
 @functools.cache
