@@ -1,6 +1,6 @@
 """The init launcher: one small process per host process forks each sandbox's outer init (no
 exec per sandbox). It is replaced when it dies, a forked host process gets its own, and
-closing a sandbox still waits until its outer init and cgroups are gone."""
+closing a sandbox waits until every sandbox process is gone and its cgroups are removed."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def test_sandboxes_share_one_launcher_and_close_waits_for_the_outer_init():
         outer_b, launcher_b = launcher_of(b)
         assert launcher == launcher_b and outer_a != outer_b
         assert _ppid(launcher) == os.getpid()
-    # close() returned only after each outer init exited (reaped by the launcher, not a zombie).
+    # close() returned only after each outer init reaped its sandbox and exited (the kernel
+    # reaps it for the launcher: no zombie either).
     assert proc_state(outer_a) is None and proc_state(outer_b) is None
     assert proc_state(launcher) not in (None, "Z")
 

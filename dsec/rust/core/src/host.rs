@@ -89,7 +89,7 @@ fn start_launcher(prog: &str, env: &[(String, String)]) -> Result<Launcher> {
 }
 
 /// Starts an outer init: returns the host end of its control socket and a pidfd of it.
-fn launch(prog: &str, env: &[(String, String)]) -> Result<(UnixStream, OwnedFd)> {
+fn launch(prog: &str, env: &[(String, String)], cfg: &[u8]) -> Result<(UnixStream, OwnedFd)> {
     let mut g = LAUNCHER.lock().unwrap_or_else(|p| p.into_inner());
     for _ in 0..2 {
         let me = std::process::id();
@@ -107,8 +107,9 @@ fn launch(prog: &str, env: &[(String, String)]) -> Result<(UnixStream, OwnedFd)>
             *g = Some(start_launcher(prog, env)?);
         }
         let Some(l) = g.as_ref() else { continue };
-        let (sock, theirs) =
+        let (mut sock, theirs) =
             UnixStream::pair().map_err(|e| Error::Setup(format!("socketpair: {e}")))?;
+        wire::write_frame(&mut sock, cfg).map_err(|e| Error::Setup(format!("send config: {e}")))?;
         let fd = l.sock.as_raw_fd();
         let answer = crate::sys::send_fd(fd, 1, Some(theirs.as_raw_fd()))
             .and_then(|_| crate::sys::recv_fd(fd));
@@ -133,6 +134,9 @@ fn launch(prog: &str, env: &[(String, String)]) -> Result<(UnixStream, OwnedFd)>
     }
     Err(Error::Setup("the init launcher does not answer".into()))
 }
+
+/// Largest config frame written before the outer init runs (larger ones follow its start).
+const PREWRITE_MAX: usize = 32 << 10;
 
 /// Waits until the process behind `pidfd` has exited.
 fn wait_pidfd(pidfd: &OwnedFd) {
@@ -207,7 +211,9 @@ pub struct ExecOutput {
 
 struct Inner {
     sock: Option<UnixStream>,
-    /// pidfd of the outer init (it exits once the sandbox is torn down and its cgroup gone).
+    /// pidfd of the outer init: it exits after it reaped the inner init (which a pid
+    /// namespace's init does only once every process in the namespace is gone) and removed
+    /// the cgroups.
     child: Option<OwnedFd>,
     cg: Option<SandboxCgroup>,
 }
@@ -236,7 +242,9 @@ impl Sandbox {
             cg.remove();
             e
         };
-        let (mut sock, mut child) = match launch(&prog, &env) {
+        // The config waits in the socket, so the outer init reads it the moment it starts.
+        let cfg = outer_config(&policy, &cg.dirs);
+        let (mut sock, mut child) = match launch(&prog, &env, &cfg) {
             Ok(p) => p,
             Err(e) => return Err(fail(&cg, e)),
         };
@@ -245,14 +253,12 @@ impl Sandbox {
             cg.remove();
             e
         };
-        let cfg = outer_config(&policy, &cg.dirs);
         let _ = sock.set_read_timeout(Some(Duration::from_secs(30)));
-        if let Err(e) = wire::write_frame(&mut sock, &cfg) {
-            return Err(abort(
-                &mut child,
-                &cg,
-                Error::Setup(format!("send config: {e}")),
-            ));
+        if cfg.len() > PREWRITE_MAX {
+            if let Err(e) = wire::write_frame(&mut sock, &cfg) {
+                let e = Error::Setup(format!("send config: {e}"));
+                return Err(abort(&mut child, &cg, e));
+            }
         }
         // One frame answers the config: READY with the host pid of pid 1, or an error.
         let body = match wire::read_frame(&mut sock) {
