@@ -35,7 +35,7 @@ def sinkhorn_split(
     result is bitwise the torch loop's (tested); otherwise the torch loop runs.
     """
     # scale[0] on the n pre logits, scale[1] on the n post ones, scale[2] on the n*n comb ones
-    z = mixes * scale.repeat_interleave(_group_sizes(n, scale.device), output_size=(2 + n) * n)
+    z = mixes * scale.index_select(0, _group_index(n, scale.device))
     z = z + base
     pre = torch.sigmoid(z[..., :n]) + eps
     post = 2 * torch.sigmoid(z[..., n : 2 * n])
@@ -52,10 +52,10 @@ def sinkhorn_split(
 
 
 @functools.cache
-def _group_sizes(n: int, device: torch.device) -> torch.Tensor:
-    """[n, n, n*n] (int64): how many mix logits each of the three scales applies to."""
+def _group_index(n: int, device: torch.device) -> torch.Tensor:
+    """[(2+n)*n] int64: which of the three scales each mix logit takes (n x 0, n x 1, n*n x 2)."""
     with torch.inference_mode(False), torch.no_grad():
-        return torch.tensor([n, n, n * n], device=device)
+        return torch.tensor([0] * n + [1] * n + [2] * (n * n), device=device)
 
 
 @functools.cache

@@ -140,9 +140,7 @@ def _block_exponent(amax: torch.Tensor, qmax: float) -> torch.Tensor:
 
 def _finite_amax(xb: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     """Max |x| over ``dims`` ignoring NaN and ±inf (0 for a block with no finite value)."""
-    a = xb.abs()
-    a = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
-    return a.amax(dim=dims)
+    return xb.abs().nan_to_num(nan=0.0, posinf=0.0).amax(dim=dims)
 
 
 def _check_float(x: torch.Tensor, name: str) -> None:
