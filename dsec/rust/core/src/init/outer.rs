@@ -56,10 +56,17 @@ fn s(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-fn remove_cgroups(cgroups: &[(Vec<u8>, Vec<u8>)]) {
+fn leave_cgroups(cgroups: &[(Vec<u8>, Vec<u8>)]) {
     let me = format!("{}", std::process::id());
-    for (dir, parent) in cgroups {
+    for (_, parent) in cgroups {
         let _ = write_path(&format!("{}/cgroup.procs", s(parent)), me.as_bytes());
+    }
+}
+
+/// Removes the cgroups (this process left them after start-up; leaving again is a no-op
+/// for the error paths that run before that).
+fn remove_cgroups(cgroups: &[(Vec<u8>, Vec<u8>)]) {
+    for (dir, _) in cgroups {
         for _ in 0..1000 {
             match std::fs::remove_dir(s(dir)) {
                 Ok(()) => break,
@@ -86,6 +93,7 @@ pub fn run() -> i32 {
     let me = format!("{}", std::process::id());
     for (dir, _) in &cfg.cgroups {
         if let Err(e) = write_path(&format!("{}/cgroup.procs", s(dir)), me.as_bytes()) {
+            leave_cgroups(&cfg.cgroups);
             remove_cgroups(&cfg.cgroups);
             return fail(format!("join cgroup {}: {e}", s(dir)));
         }
@@ -107,6 +115,7 @@ pub fn run() -> i32 {
     let pid = match clone_fork(flags) {
         Ok(p) => p,
         Err(e) => {
+            leave_cgroups(&cfg.cgroups);
             remove_cgroups(&cfg.cgroups);
             return fail(format!(
                 "clone into new namespaces: {e} (see `python -m dsec check`)"
@@ -119,6 +128,11 @@ pub fn run() -> i32 {
         unsafe { libc::_exit(super::inner::run(&cfg.policy, sync_r)) };
     }
     close(sync_r);
+    // The inner part was born in the sandbox cgroup (and roots its cgroup namespace there);
+    // leave it right away. Moving a task between v1 cgroups write-locks a per-cpu rwsem,
+    // which waits for an RCU grace period unless another move happened within about one:
+    // here it follows the join closely, so it is cheap; at teardown only rmdir is left.
+    leave_cgroups(&cfg.cgroups);
     let id = cfg.policy.host_id;
     let maps = [
         (format!("/proc/{pid}/setgroups"), "deny".to_string()),
