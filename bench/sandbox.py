@@ -226,6 +226,20 @@ def pss_kib(pids: list[int]) -> int:
     return total
 
 
+def sandbox_memory(sandboxes: list[dsec.Sandbox], spawn_s: float) -> dict[str, float]:
+    """PSS and process count per sandbox (each process tree read once)."""
+    trees = [process_tree(sb.pid) for sb in sandboxes]
+    per = [pss_kib(tree) for tree in trees]
+    return {
+        "count": len(sandboxes),
+        "spawn_s": spawn_s,
+        "pss_kib_median": statistics.median(per),
+        "pss_kib_max": max(per),
+        "pss_mib_total": sum(per) / 1024,
+        "processes_per_sandbox": statistics.median(len(tree) for tree in trees),
+    }
+
+
 def idle_memory(bwrap: str, count: int) -> dict[str, dict[str, float]]:
     """PSS per idle sandbox: dsec (the init's host pid and all its descendants) and bwrap
     (`sleep` inside: outer bwrap, its pid-1 child and the payload)."""
@@ -237,32 +251,12 @@ def idle_memory(bwrap: str, count: int) -> dict[str, dict[str, float]]:
             sb = dsec.Sandbox(**LIMITS)
             check_ok(sb.exec(["/bin/true"]), "/bin/true")
             sandboxes.append(sb)
-        spawn_s = time.perf_counter() - start
-        per = [pss_kib(process_tree(sb.pid)) for sb in sandboxes]
-        procs = [len(process_tree(sb.pid)) for sb in sandboxes]
-        out["dsec"] = {
-            "count": count,
-            "spawn_s": spawn_s,
-            "pss_kib_median": statistics.median(per),
-            "pss_kib_max": max(per),
-            "pss_mib_total": sum(per) / 1024,
-            "processes_per_sandbox": statistics.median(procs),
-        }
+        out["dsec"] = sandbox_memory(sandboxes, time.perf_counter() - start)
         # The same sandboxes once each has served a run_python call: its warm interpreter stays.
         start = time.perf_counter()
         for sb in tqdm(sandboxes, desc="warm Python workers", unit="sandbox"):
             check_ok(sb.run_python("pass"), "run_python")
-        warm_s = time.perf_counter() - start
-        per = [pss_kib(process_tree(sb.pid)) for sb in sandboxes]
-        procs = [len(process_tree(sb.pid)) for sb in sandboxes]
-        out["dsec_with_python_worker"] = {
-            "count": count,
-            "spawn_s": warm_s,
-            "pss_kib_median": statistics.median(per),
-            "pss_kib_max": max(per),
-            "pss_mib_total": sum(per) / 1024,
-            "processes_per_sandbox": statistics.median(procs),
-        }
+        out["dsec_with_python_worker"] = sandbox_memory(sandboxes, time.perf_counter() - start)
     finally:
         for sb in sandboxes:
             sb.close()
