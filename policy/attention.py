@@ -5,9 +5,11 @@ sink, partial interleaved RoPE (inverse RoPE on the output) and a grouped output
 Letters: B batch, S tokens, H heads, c head dim, W window, N compressed entries, m ratio,
 g output groups, d_g per-group rank.
 
-Two callers share the same projections and the same kernel (``attention_core``: by
+Three callers share the same projections and the same kernel (``attention_core``: by
 ``cfg.attn_impl``, the torch ``sparse_attention`` or the Triton gathered-index kernel):
-- full sequence from position 0 (training, prefill): keys = [S raw kv | N compressed];
+- full sequence from position 0, no cache (training): keys = [S raw kv | N compressed];
+- cached extend, S tokens per row appended at per-row positions (prefill, continuation):
+  keys = [W ring slots | S new kv | N compressed];
 - one decode token per row at per-row positions: keys = [W ring slots | chosen compressed].
 """
 
@@ -58,9 +60,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x [B, S, d], pos [B, S] -> [B, S, d].
 
-        cache None: full causal sequence from position 0. cache with ``fill_lengths`` [B]: the
-        same, then the cache takes each row's first fill_lengths[b] tokens (prefill). cache alone:
-        one decode token per row (S == 1) at pos[:, 0], read from and written to the cache.
+        cache None: full causal sequence from position 0. cache with ``fill_lengths`` [B]: each
+        row appends its first fill_lengths[b] tokens at its cache position (prefill when the
+        cache is empty, continuation otherwise). cache alone: one decode token per row (S == 1)
+        at pos[:, 0], read from and written to the cache.
         """
         cfg, s = self.cfg, x.shape[1]
         qr = self.q_norm(self.wq_a(x))  # [B, S, d_c]
@@ -68,9 +71,10 @@ class Attention(nn.Module):
         rope = rope_tables(pos, self.inv_freq, x.device)  # shared by q, kv, output, indexer
         q = apply_rope(unit_rms(q, cfg.rms_norm_eps), pos, self.inv_freq, tables=rope)
         kv = apply_rope(self.kv_norm(self.wkv(x)), pos, self.inv_freq, tables=rope)  # [B, S, c]
-        if cache is None or fill_lengths is not None:
-            kv = quantize_kv(kv, cfg)  # as the cache would store it
-            keys, allowed = self._full_keys(x, qr, kv, pos, cache, fill_lengths, rope)
+        if cache is None:
+            keys, allowed = self._full_keys(x, qr, quantize_kv(kv, cfg), rope)
+        elif fill_lengths is not None:
+            keys, allowed = self._extend_keys(x, qr, kv, pos, cache, fill_lengths, rope)
         else:  # the cache quantises on write; reads return the stored values
             assert s == 1, "decode takes one token per row"
             keys, allowed = self._decode_keys(x, qr, kv, pos, cache, rope)
@@ -82,53 +86,75 @@ class Attention(nn.Module):
         return self.wo_b(o.flatten(2))
 
     # ------------------------------------------------------------------ full sequence
-    def _full_keys(self, x, qr, kv, pos, cache, fill_lengths, rope):
-        """keys [B, S + N, c], allowed [B, S, S + N]."""
+    def _full_keys(self, x, qr, kv, rope):
+        """keys [B, S + N, c], allowed [B, S, S + N] for a sequence from position 0."""
         b, s, _ = x.shape
         t = torch.arange(s, device=x.device)
         win = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - self.window)  # [S, S]
         keys, allowed = [kv], [win.expand(b, s, s)]
-        parts: dict[str, torch.Tensor] = {}
         if self.kind != "swa":
-            comp, parts["ckv"], parts["csc"] = self.compressor(x, self.inv_freq)  # [B, N, c]
-            parts["comp"] = comp
+            comp, _, _ = self.compressor(x, self.inv_freq)  # [B, N, c]
             n = comp.shape[1]
             vis = (torch.arange(1, n + 1, device=x.device) * self.ratio)[None] <= t[:, None] + 1
             vis = vis.expand(b, s, n)  # [B, S, N]: (i + 1) * m <= t + 1
             if self.kind == "csa":
-                ik, parts["ikv"], parts["isc"] = self.indexer.compressor(x, self.inv_freq)
-                parts["ik"] = ik  # [B, N, c_I]
+                ik, _, _ = self.indexer.compressor(x, self.inv_freq)  # [B, N, c_I]
+                pos = t.expand(b, s)
                 iq, iw = self.indexer.queries(qr, x, pos, self.inv_freq, rope)
-                idx = topk_indices(index_scores(iq, iw, ik), vis, self.cfg.index_topk)
-                sel = torch.zeros(b, s, n + 1, dtype=torch.bool, device=x.device)
-                vis = sel.scatter_(-1, idx.masked_fill(idx < 0, n), True)[..., :n]
+                vis = self._select(index_scores(iq, iw, ik), vis)
             keys.append(comp)
             allowed.append(vis)
-        if cache is not None:
-            self._fill(cache, kv, fill_lengths, parts)
         return torch.cat(keys, dim=1), torch.cat(allowed, dim=-1)
 
-    @torch.no_grad()
-    def _fill(self, cache, kv, lengths, ctx: dict[str, torch.Tensor]) -> None:
-        """Write each row's window, compressed entries and compressor state after prefill."""
-        w, m = self.window, self.ratio
-        for r, n_tok in enumerate(lengths.tolist()):
-            row = torch.tensor([r], device=kv.device)
-            tpos = torch.arange(max(0, n_tok - w), n_tok, device=kv.device)
-            cache.window.write(row.expand(len(tpos)), tpos % w, kv[r, tpos])
-            if self.kind == "swa":
-                continue
-            n = n_tok // m
-            slots = torch.arange(n, device=kv.device)
-            cache.comp.write(row.expand(n), slots, ctx["comp"][r, :n])
-            ks, ss = self.compressor.state_from_prefill(ctx["ckv"][r], ctx["csc"][r], n_tok)
-            cache.kv_state[r], cache.sc_state[r] = ks, ss
-            if self.kind == "csa":
-                cache.index.write(row.expand(n), slots, ctx["ik"][r, :n])
-                ks, ss = self.indexer.compressor.state_from_prefill(
-                    ctx["ikv"][r], ctx["isc"][r], n_tok
-                )
-                cache.ikv_state[r], cache.isc_state[r] = ks, ss
+    def _select(self, scores: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
+        """Indexer scores, visibility [B, S, N] -> the top-k chosen entries as a mask [B, S, N]."""
+        b, s, n = vis.shape
+        idx = topk_indices(scores, vis, self.cfg.index_topk)
+        sel = torch.zeros(b, s, n + 1, dtype=torch.bool, device=vis.device)
+        return sel.scatter_(-1, idx.masked_fill(idx < 0, n), True)[..., :n]
+
+    # ------------------------------------------------------------------ cached extend
+    def _extend_keys(self, x, qr, kv, pos, cache, lengths, rope):
+        """Append lengths[b] tokens (right-padded x [B, S, d]) to each row of the cache at its
+        positions pos [B, S] = cache position + 0..S-1: keys [B, W + S + N, c], allowed
+        [B, S, W + S + N] over [window ring | new tokens | compressed entries].
+
+        Continues the ring, the compressors' partial blocks and the indexer exactly where the
+        row stopped; with an empty cache this is the prefill. Padded queries (t >= lengths[b])
+        produce unused outputs and write nothing.
+        """
+        b, s, _ = x.shape
+        w, m, dev = self.window, self.ratio, x.device
+        p0 = pos[:, 0]  # [B] first new position of each row
+        slot = torch.arange(w, device=dev)
+        held = (p0[:, None] - 1) - (p0[:, None] - 1 - slot) % w  # [B, W] position in each slot
+        ring_ok = (held[:, None, :] >= 0) & (held[:, None, :] > pos[:, :, None] - w)
+        t = torch.arange(s, device=dev)
+        own = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - w)  # [S, S]
+        keys = [torch.cat((cache.window.read(w), quantize_kv(kv, self.cfg)), dim=1)]
+        allowed = [torch.cat((ring_ok, own.expand(b, s, s)), dim=-1)]
+        # the last W new tokens of each row go to the ring (after it was read above)
+        new = (t[None, :] < lengths[:, None]) & (t[None, :] >= lengths[:, None] - w)
+        rr, tt = new.nonzero(as_tuple=True)
+        cache.window.write(rr, pos[rr, tt] % w, kv[rr, tt])
+        if self.kind == "swa":
+            return torch.cat(keys, dim=1), torch.cat(allowed, dim=-1)
+        out = self.compressor.extend(x, pos, lengths, cache.kv_state, cache.sc_state, self.inv_freq)
+        if out is not None:
+            cache.comp.write(*out)
+        n = int(((p0 + lengths) // m).max())  # entries held after this append
+        vis = (torch.arange(1, n + 1, device=dev) * m)[None, None] <= pos[:, :, None] + 1
+        if self.kind == "csa":
+            iout = self.indexer.compressor.extend(
+                x, pos, lengths, cache.ikv_state, cache.isc_state, self.inv_freq
+            )
+            if iout is not None:
+                cache.index.write(*iout)
+            iq, iw = self.indexer.queries(qr, x, pos, self.inv_freq, rope)
+            vis = self._select(index_scores(iq, iw, cache.index.read(n)), vis)
+        keys.append(cache.comp.read(n))
+        allowed.append(vis)
+        return torch.cat(keys, dim=1), torch.cat(allowed, dim=-1)
 
     # ------------------------------------------------------------------ decode
     def _decode_keys(self, x, qr, kv, pos, cache, rope):

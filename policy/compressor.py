@@ -145,25 +145,57 @@ class Compressor(nn.Module):
         epos = (torch.arange(n, device=x.device) * m).expand(b, n)
         return self.finish(entries, epos, inv_freq), kv, score
 
-    def state_from_prefill(
-        self, kv: torch.Tensor, score: torch.Tensor, length: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode state of one sequence after ``length`` tokens. kv/score [S, C] -> [2m|m, C] x2.
+    def extend(
+        self,
+        x: torch.Tensor,
+        pos: torch.Tensor,
+        lengths: torch.Tensor,
+        kv_state: torch.Tensor,
+        sc_state: torch.Tensor,
+        inv_freq: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Append lengths[b] tokens to each row's partial block; updates the states in place.
 
-        With overlap, slots 0..m-1 hold the last complete block (or 0 / -inf), m.. the tail.
+        Args:
+            x: [B, S, d] right-padded new tokens; pos: [B, S] their positions (row b starts at
+                pos[b, 0], which may sit anywhere inside a block).
+            kv_state / sc_state: [B, 2m|m, C] fp32 (slots as in ``step``).
+        Returns:
+            (rows [M], indices [M], entries [M, c]) of every block completed by the append (not
+            yet quantised: the cache rounds them on write), or None when none completed.
         """
-        m, slots = self.ratio, self.slots
-        kv_state = kv.new_zeros(slots, kv.shape[-1])
-        sc_state = score.new_full((slots, score.shape[-1]), float("-inf"))
-        rem = length % m
-        cut = length - rem
+        m = self.ratio
         off = m if self.overlap else 0
-        kv_state[off : off + rem] = kv[cut:length]
-        sc_state[off : off + rem] = score[cut:length]
-        if self.overlap and cut >= m:
-            kv_state[:m] = kv[cut - m : cut]
-            sc_state[:m] = score[cut - m : cut]
-        return kv_state, sc_state
+        kv, score = self.project(x, pos)  # [B, S, C]
+        rows, index, blocks_kv, blocks_sc = [], [], [], []
+        for r, n in enumerate(lengths.tolist()):
+            p = int(pos[r, 0])
+            rem = p % m
+            tk = torch.cat((kv_state[r, off : off + rem], kv[r, :n]))  # from the block start
+            ts = torch.cat((sc_state[r, off : off + rem], score[r, :n]))
+            nb = (rem + n) // m  # blocks completed
+            if nb:
+                bk, bs = tk[: nb * m].unflatten(0, (nb, m)), ts[: nb * m].unflatten(0, (nb, m))
+                if self.overlap:  # slots 0..m-1 <- the previous block
+                    bk = torch.cat((torch.cat((kv_state[r, None, :m], bk[:-1])), bk), dim=1)
+                    bs = torch.cat((torch.cat((sc_state[r, None, :m], bs[:-1])), bs), dim=1)
+                    kv_state[r, :m], sc_state[r, :m] = (
+                        tk[(nb - 1) * m : nb * m],
+                        ts[(nb - 1) * m : nb * m],
+                    )
+                blocks_kv.append(bk)
+                blocks_sc.append(bs)
+                rows += [r] * nb
+                index += range((p - rem) // m, (p - rem) // m + nb)
+            tail = rem + n - nb * m
+            kv_state[r, off : off + tail] = tk[nb * m :]
+            sc_state[r, off : off + tail] = ts[nb * m :]
+        if not rows:
+            return None
+        entries = self.pool(torch.cat(blocks_kv), torch.cat(blocks_sc))  # [M, c]
+        idx = torch.tensor(index, device=x.device)
+        entries = self.finish(entries[None], idx[None] * m, inv_freq, quant=False)[0]
+        return torch.tensor(rows, device=x.device), idx, entries
 
     def step(
         self,

@@ -193,16 +193,39 @@ class V4Model(nn.Module):
 
         Returns logits [B, V] at each row's last prompt token; cache.pos becomes lengths.
         """
+        if bool((cache.pos != 0).any()):
+            raise ValueError(f"prefill needs an empty cache, got positions {cache.pos.tolist()}")
+        return self.extend(input_ids, lengths, cache)
+
+    @torch.inference_mode()
+    def extend(
+        self,
+        input_ids: torch.Tensor,
+        lengths: torch.Tensor,
+        cache: KVCache,
+        all_logits: bool = False,
+    ) -> torch.Tensor:
+        """Append right-padded tokens [B, S] (lengths [B] >= 1) to each row at cache.pos.
+
+        Only the new tokens are computed; the window ring, the compressors' partial blocks and
+        the indexer continue where each row stopped (an empty cache makes this the prefill).
+        Returns logits [B, V] at each row's last new token (``all_logits``: [B, S, V] at every
+        new token); cache.pos advances by lengths.
+        """
         b, s = input_ids.shape
-        if int(lengths.min()) < 1 or int(lengths.max()) > min(s, cache.capacity):
+        lengths = lengths.to(cache.pos.device)
+        end = cache.pos + lengths
+        if int(lengths.min()) < 1 or int(lengths.max()) > s or int(end.max()) > cache.capacity:
             raise ValueError(
-                f"prefill lengths {lengths.tolist()} must be in [1, min(S={s}, cache capacity="
-                f"{cache.capacity})]"
+                f"extend lengths {lengths.tolist()} must be in [1, S={s}] and fit the cache "
+                f"capacity {cache.capacity} from positions {cache.pos.tolist()}"
             )
-        pos = torch.arange(s, device=input_ids.device).expand(b, s)
+        pos = cache.pos[:, None] + torch.arange(s, device=input_ids.device)
         x = self._streams(input_ids, pos, cache, lengths)
+        cache.pos.copy_(end)
+        if all_logits:
+            return self._head(x)
         last = x[torch.arange(b, device=x.device), lengths - 1][:, None]  # [B, 1, n, d]
-        cache.pos.copy_(lengths)
         return self._head(last)[:, 0]
 
     @torch.inference_mode()
