@@ -19,6 +19,18 @@ _EXPORTS = {
     "SamplingParams": "policy.engine",
     "Engine": "policy.engine",
     "Generation": "policy.engine",
+    "PolicyLossConfig": "policy.losses",
+    "policy_loss": "policy.losses",
+    "sft_loss": "policy.losses",
+    "aggregate": "policy.losses",
+    "kl_estimate": "policy.losses",
+    "token_logprobs": "policy.losses",
+    "token_entropy": "policy.losses",
+    "forward_logprobs": "policy.losses",
+    "Batch": "policy.losses",
+    "make_batch": "policy.losses",
+    "make_micro_batches": "policy.losses",
+    "split_by_token_budget": "policy.losses",
 }
 
 __all__ = sorted(_EXPORTS)
