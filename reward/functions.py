@@ -10,8 +10,9 @@
 - ``sandbox_tests``: ``verifier["tests"]`` (Python source) runs in the episode's live sandbox,
   which holds the workspace the model left; 1 if it exits 0 within ``verifier["timeout"]``
   (default 10 s) and printed a fresh random marker appended after the tests (so solution code
-  that exits early with status 0 does not pass), else 0. An episode that ended with
-  ``sandbox_error`` scores 0 without touching the sandbox.
+  that exits early with status 0 does not pass), else 0. Bytecode caches in the workspace are
+  ignored (a fresh ``sys.pycache_prefix``), so a rewritten file is always the one tested. An
+  episode that ended with ``sandbox_error`` scores 0 without touching the sandbox.
 - ``format``: 1 if the episode finished with ``stop`` and its last assistant message parsed
   with no DSML errors (its ``errors`` list, as ``policy.chat.parse_assistant`` reports it, is
   empty), else 0. A separate component so that format and correctness are logged apart.
@@ -105,8 +106,12 @@ def sandbox_tests(trajectory: Any, verifier: Mapping[str, Any], sandbox: Any = N
     if trajectory.finish_reason == "sandbox_error":
         return 0.0
     timeout = float(verifier.get("timeout", DEFAULT_TESTS_TIMEOUT))
-    marker = f"tests-passed-{secrets.token_hex(16)}"
-    result = sandbox.run_python(f"{tests}\nprint({marker!r})\n", timeout=timeout)
+    token = secrets.token_hex(16)
+    marker = f"tests-passed-{token}"
+    # A fresh bytecode cache directory: stale or planted __pycache__ files in the workspace
+    # (same size and mtime second as a rewritten source) are never used.
+    prelude = f"import sys\nsys.pycache_prefix = '/tmp/reward-pycache-{token}'\n"
+    result = sandbox.run_python(f"{prelude}{tests}\nprint({marker!r})\n", timeout=timeout)
     passed = (
         result.exit_code == 0
         and not result.timed_out
