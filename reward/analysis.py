@@ -51,7 +51,8 @@ def _short(text: str, limit: int) -> str:
 
 
 def render_trajectory(t: Trajectory, *, max_chars: int = 600) -> str:
-    """A trajectory as readable text: header, then each message and each tool call's result."""
+    """A trajectory as readable text: a header, each message (tool results included), then one
+    line per tool call (turn, arguments, outcome, wall time)."""
     lines = [
         f"== {t.id}  task={t.task}  reward={t.reward:g} {t.reward_components}  "
         f"finish={t.finish_reason}  turns={t.num_turns}  tool_calls={len(t.tool_calls)} "
@@ -71,10 +72,10 @@ def render_trajectory(t: Trajectory, *, max_chars: int = 600) -> str:
             )
         for err in msg.get("errors") or []:
             lines.append(f"[{role} parse error] {err}")
-    for c in t.tool_calls:
+    for c in t.tool_calls:  # the outputs were shown with the tool messages above
         status = "ok" if c.ok else f"error: {c.error_kind}"
         lines.append(
             f"-- tool turn {c.turn}: {c.name}({_short(str(c.arguments), max_chars)}) -> {status}, "
-            f"{c.wall_time:.3f} s\n{_short(c.output, max_chars)}"
+            f"{c.wall_time:.3f} s"
         )
     return "\n".join(lines)

@@ -95,3 +95,62 @@ def episode(
 
 def answer(text: str) -> dict[str, Any]:
     return {"content": text}
+
+
+def build_run(run_dir: Any) -> list[Trajectory]:
+    """A small run directory written with the store: arith_tool, workspace_qa and code_tests
+    groups with right and wrong answers, real tool calls, scored by the registered rewards."""
+    from reward import make_reward, summarize
+    from rollout.store import RunStore
+    from rollout.tasks import get_task
+
+    store = RunStore(run_dir)
+    config = {
+        "task": {"name": "mixed", "group_size": 3},
+        "reward": {"functions": ["exact_match", "format"]},
+    }
+    store.write_config(config)
+    plain = make_reward({"exact_match": 1.0, "format": 0.1})
+    tested = make_reward({"sandbox_tests": 1.0, "format": 0.1})
+    written: list[Trajectory] = []
+    for step, inst in enumerate(get_task("arith_tool").instances("test", 2, seed=0)):
+        expr, value = inst.verifier["expression"], inst.verifier["answer"]
+        computed = {"content": "", "tool_calls": [call("python", code=f"print({expr})")]}
+        scripts = [
+            [computed, answer(value)],  # uses the tool, right
+            [answer(str(int(value) + 1))],  # guesses, wrong
+            [computed, {"content": "", "tool_calls": [call("python", code="1/0")]}],  # out of turns
+        ]
+        group = []
+        for i, turns in enumerate(scripts):
+            reason = "max_turns" if i == 2 else "stop"
+            t = episode(inst, turns, sample_index=i, finish_reason=reason)
+            plain.score(t, inst.verifier)
+            group.append(t)
+        store.write_groups(group)
+        store.append_metrics({"step": step, **summarize(group)})
+        written += group
+    [qa] = get_task("workspace_qa").instances("test", 1, seed=0)
+    read = {"content": "", "tool_calls": [call("bash", command="cat people/*.txt ages.txt")]}
+    group = []
+    for i, turns in enumerate([[read, answer(qa.verifier["answer"])], [answer("41")]]):
+        t = episode(qa, turns, sample_index=i)
+        plain.score(t, qa.verifier)
+        group.append(t)
+    [code] = get_task("code_tests", families=["rep"]).instances("test", 1, seed=0)
+    k = int(code.messages[0]["content"].split("repeated ")[1].split()[0])
+    for i, source in enumerate(
+        [f"def rep(s):\n    return s * {k}\n", "def rep(s):\n    return s\n"]
+    ):
+        with dsec.Sandbox(timeout=20.0) as sb:
+            write = {
+                "content": "",
+                "tool_calls": [call("write_file", path=code.verifier["path"], content=source)],
+            }
+            t = episode(code, [write, answer("done")], sample_index=i, sandbox=sb)
+            tested.score(t, code.verifier, sb)
+        group.append(t)
+    store.write_groups(group)
+    written += group
+    store.append_metrics({"step": 2, **summarize(group)})
+    return written
