@@ -1,128 +1,252 @@
-"""Generation engine: batched prefill and decode over the V4 KV cache, with sampling and the
-per-token logprobs that RL needs.
+"""Generation engine for agents: sessions that continue across tool turns, forks that share a
+prefilled prompt, a prefix cache, continuous batching, a KV memory budget and live weight
+updates (the step loop is ``policy.scheduler``); ``Engine.generate`` is the batch API on top.
 
-Letters: B batch rows, V vocabulary.
+Logprob convention (``policy.sampling``): ``Generation.logprobs[i]`` is log softmax(logits /
+temperature) at the sampled token, before top-k / top-p filtering; greedy (temperature 0) gives
+the plain log softmax. A sampled stop token is part of ``token_ids``.
 
-Logprob convention: ``Generation.logprobs[i]`` is log softmax(logits / temperature) at the
-sampled token, taken BEFORE top-k / top-p filtering (the policy distribution the sample was
-drawn under, up to the truncation); with temperature 0 (greedy) it is the plain log softmax of
-the logits. The stop token, when sampled, is part of ``token_ids`` (and has a logprob).
-
-Seeding: with ``seed`` set, prompt i of a ``generate`` call draws its uniforms from its own
-generator seeded with ``seed + i``, so its tokens do not depend on ``max_batch`` or on the other
-prompts (up to float-reordering noise in batched logits, which would have to move a uniform
-across a CDF boundary). Without a seed the generators are seeded from torch's global RNG.
-
-Batching: prompts of different lengths are right-padded and prefilled together (one causal
-forward; each row's cache takes only its own tokens), then decoded one token per row at per-row
-positions. A row that samples a stop token leaves the batch and the cache.
+A session holds one token sequence and its KV cache. After ``generate`` the sampled tokens are
+part of the session (the last one is computed with whatever is appended next), so an agent turn
+is ``generate`` -> ``append(tool result tokens)`` -> ``generate``: only new tokens are computed.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from concurrent.futures import Future
 
 import torch
 
 from policy.model import V4Model
+from policy.sampling import Generation, SamplingParams, sample
+from policy.scheduler import Scheduler, SessionError
+
+__all__ = [
+    "AsyncEngine",
+    "Engine",
+    "Generation",
+    "SamplingParams",
+    "Session",
+    "SessionError",
+    "sample",
+]
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to sample.
+class Session:
+    """Handle of one engine session (a token sequence and its cache). Read-only for callers."""
 
-    Attributes:
-        temperature: softmax temperature; 0 means greedy (argmax).
-        top_p: nucleus mass in (0, 1]; 1 disables it.
-        top_k: keep the k most likely tokens; 0 disables it.
-        max_new_tokens: most tokens generated per prompt (>= 1).
-        stop_token_ids: generation of a prompt ends after sampling one of these.
-        seed: base seed for reproducible sampling (see module doc), or None.
-    """
+    __slots__ = ("_engine", "_s")
 
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 256
-    stop_token_ids: tuple[int, ...] = ()
-    seed: int | None = None
+    def __init__(self, engine: AsyncEngine, state) -> None:
+        self._engine, self._s = engine, state
 
-    def __post_init__(self) -> None:
-        t = self.temperature
-        if not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
-        if not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0, got {self.top_k!r}")
-        m = self.max_new_tokens
-        if not isinstance(m, int) or isinstance(m, bool) or m < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {m!r}")
-        stops = tuple(self.stop_token_ids)
-        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in stops):
-            raise ValueError(f"stop_token_ids must be ints >= 0, got {self.stop_token_ids!r}")
-        object.__setattr__(self, "stop_token_ids", stops)
-        if self.seed is not None and (
-            not isinstance(self.seed, int) or isinstance(self.seed, bool)
-        ):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+    @property
+    def id(self) -> int:
+        return self._s.id
+
+    @property
+    def length(self) -> int:
+        """Tokens the session holds (prompt, appended and sampled)."""
+        return len(self._s.tokens)
+
+    @property
+    def tokens(self) -> list[int]:
+        return list(self._s.tokens)
+
+    @property
+    def closed(self) -> bool:
+        return self._s.closed
+
+    def __repr__(self) -> str:
+        return f"Session(id={self.id}, length={self.length})"
 
 
-@dataclass
-class Generation:
-    """One prompt's output: new tokens, their logprobs, and why it ended ("stop" | "length")."""
-
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    finish_reason: str = "length"
+def _check_int(name: str, value, low: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
 
 
-def sample(
-    logits: torch.Tensor, params: SamplingParams, gens: list[torch.Generator]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row. logits [B, V] fp32 -> (tokens [B] int64, logprobs [B] fp32)."""
-    if params.temperature == 0:
-        lp = torch.log_softmax(logits.float(), dim=-1)
-        tok = lp.argmax(dim=-1)
-        return tok, lp.gather(1, tok[:, None])[:, 0]
-    lp = torch.log_softmax(logits.float() / params.temperature, dim=-1)  # [B, V]
-    probs, order = lp.exp().sort(dim=-1, descending=True, stable=True)
-    keep = torch.ones_like(probs, dtype=torch.bool)
-    if params.top_k > 0:
-        keep[:, params.top_k :] = False
-    if params.top_p < 1:
-        before = probs.cumsum(dim=-1) - probs  # mass strictly before each token
-        keep &= before < params.top_p
-    probs = probs * keep
-    cdf = probs.cumsum(dim=-1)
-    u = torch.stack([torch.rand((), generator=g) for g in gens]).to(cdf) * cdf[:, -1]
-    pick = torch.searchsorted(cdf, u[:, None], right=True).clamp(max=cdf.shape[1] - 1)
-    pick = torch.minimum(pick, keep.sum(-1, keepdim=True) - 1)  # stay inside the kept set
-    tok = order.gather(1, pick)[:, 0]
-    return tok, lp.gather(1, tok[:, None])[:, 0]
-
-
-class Engine:
-    """Batched generation from a V4Model through its KV cache.
+class AsyncEngine:
+    """Sessions over a V4Model with continuous batching (see module doc and policy.scheduler).
 
     Args:
-        model: the policy (put in eval mode; generation runs without gradients).
-        max_batch: most prompts decoded together; longer prompt lists run in chunks.
-        max_context: most tokens (prompt + new) per sequence; a request that could exceed it
-            is rejected with ValueError before anything runs.
+        model: the policy (generation runs without gradients, in a background thread).
+        max_batch: most sequences decoded together in one step.
+        max_context: most tokens per session.
+        kv_budget_bytes: KV bytes (real cache layout, packed) for the decode batch plus every
+            parked session; beyond it the least recently used idle sessions are preempted
+            (their cache dropped, recomputed when used again). None: unbounded.
+        prefix_cache_bytes: memory for cached prompt prefixes (LRU); 0 disables it.
+        prefix_block: prompts are cached at every multiple of this many tokens and at their
+            full length, so prompts sharing a long head (system prompt, tool schemas) reuse it.
+        token_budget: most prefill tokens per step besides the decode rows (at least one chunk
+            runs), so a long prompt does not stall the running generations.
+        chunk: prefill chunk size; chunks end at absolute multiples of it.
+        on_weight_update: "recompute" or "finish" (see ``policy.scheduler``).
+
+    Every method is a coroutine except ``load_weights`` and ``stats``; all are safe from any
+    thread or event loop. Cancelling an awaited ``generate`` stops it at the next step; the
+    tokens sampled so far stay in the session.
     """
 
-    def __init__(self, model: V4Model, *, max_batch: int = 32, max_context: int = 4096):
-        if not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+    def __init__(
+        self,
+        model: V4Model,
+        *,
+        max_batch: int = 32,
+        max_context: int = 4096,
+        kv_budget_bytes: int | None = None,
+        prefix_cache_bytes: int = 64 << 20,
+        prefix_block: int = 256,
+        token_budget: int = 512,
+        chunk: int = 256,
+        on_weight_update: str = "recompute",
+    ):
+        _check_int("max_batch", max_batch, 1)
         limit = model.cfg.max_position_embeddings
         if not isinstance(max_context, int) or not 1 <= max_context <= limit:
             raise ValueError(
                 f"max_context must be an int in [1, max_position_embeddings={limit}], "
                 f"got {max_context!r}"
             )
+        if kv_budget_bytes is not None:
+            _check_int("kv_budget_bytes", kv_budget_bytes, 1)
+        _check_int("prefix_cache_bytes", prefix_cache_bytes, 0)
+        for name, v in (("prefix_block", prefix_block), ("token_budget", token_budget)):
+            _check_int(name, v, 1)
+        _check_int("chunk", chunk, 1)
+        if on_weight_update not in ("recompute", "finish"):
+            raise ValueError(
+                f"on_weight_update must be 'recompute' or 'finish', got {on_weight_update!r}"
+            )
+        model.eval()
         self.model, self.max_batch, self.max_context = model, max_batch, max_context
+        self._shapes = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+        self._sched = Scheduler(
+            model,
+            max_batch=max_batch,
+            max_context=max_context,
+            kv_budget_bytes=kv_budget_bytes,
+            prefix_cache_bytes=prefix_cache_bytes,
+            prefix_block=prefix_block,
+            token_budget=token_budget,
+            chunk=chunk,
+            on_weight_update=on_weight_update,
+        )
+
+    # ------------------------------------------------------------------ futures
+    def _submit(self, kind: str, session: Session | None = None, **kw) -> Future:
+        state = None
+        if session is not None:
+            if not isinstance(session, Session) or session._engine is not self:
+                raise SessionError(f"not a session of this engine: {session!r}")
+            state = session._s
+        return self._sched.submit(kind, session=state, **kw)
+
+    async def _await(self, fut: Future):
+        return await asyncio.wrap_future(fut)
+
+    @staticmethod
+    def _tokens(token_ids: Sequence[int]) -> list[int]:
+        if isinstance(token_ids, torch.Tensor):
+            token_ids = token_ids.tolist()
+        if isinstance(token_ids, str | bytes) or not isinstance(token_ids, Sequence):
+            raise ValueError(
+                f"token ids must be a sequence of ints, got {type(token_ids).__name__}"
+            )
+        return list(token_ids)
+
+    # ------------------------------------------------------------------ session API
+    async def open(self, prompt_ids: Sequence[int]) -> Session:
+        """A new session holding prompt_ids, prefilled (reusing a cached prefix when one
+        matches)."""
+        state = await self._await(self._submit("open", tokens=self._tokens(prompt_ids)))
+        return Session(self, state)
+
+    async def append(self, session: Session, token_ids: Sequence[int]) -> None:
+        """Append tokens (a tool result, the next user turn); only they are computed."""
+        await self._await(self._submit("append", session, tokens=self._tokens(token_ids)))
+
+    async def generate(self, session: Session, params: SamplingParams) -> Generation:
+        """Sample up to params.max_new_tokens tokens; they are appended to the session."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        return await self._await(self._submit("generate", session, params=params))
+
+    async def fork(self, session: Session, n: int) -> list[Session]:
+        """n new sessions sharing everything computed for ``session`` (which stays open)."""
+        _check_int("n", n, 1)
+        states = await self._await(self._submit("fork", session, n=n))
+        return [Session(self, s) for s in states]
+
+    async def rollback(self, session: Session, position: int) -> None:
+        """Keep only the first ``position`` tokens (e.g. drop a rejected turn). Rolling back to
+        the start of one of the last generations is a copy of the window and compressor
+        states; anything else recomputes from the nearest earlier point."""
+        await self._await(self._submit("rollback", session, n=position))
+
+    async def close(self, session: Session) -> None:
+        """Free the session's cache; the handle becomes unusable."""
+        await self._await(self._submit("close", session))
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        """Swap the policy weights between two steps (never inside a token); generations
+        report the version they were sampled with. Shapes and dtypes are checked here, before
+        anything changes."""
+        _check_int("version", version, 0)
+        unknown = sorted(set(state_dict) - set(self._shapes))
+        if unknown:
+            raise ValueError(f"unknown weight names: {unknown[:5]}")
+        for k, v in state_dict.items():
+            shape, _ = self._shapes[k]
+            if not isinstance(v, torch.Tensor) or tuple(v.shape) != shape:
+                got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"weight {k!r} must have shape {shape}, got {got}")
+            if not torch.isfinite(v.float()).all():
+                raise ValueError(f"weight {k!r} has non-finite values")
+        copied = {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
+        self._sched.set_weights(copied, version)
+
+    def stats(self) -> dict:
+        """Counters: sessions, running rows, KV bytes in use and budget, prefix hits, tokens."""
+        return self._sched.stats()
+
+    async def shutdown(self) -> None:
+        """Stop the step loop; operations still pending fail with RuntimeError."""
+        await asyncio.to_thread(self._sched.shutdown)
+
+    def shutdown_sync(self) -> None:
+        self._sched.shutdown()
+
+    # ------------------------------------------------------------------ blocking helpers
+    def run(self, kind: str, session: Session | None = None, **kw):
+        """Blocking form of an operation (for callers without an event loop)."""
+        return self._submit(kind, session, **kw).result()
+
+
+class Engine:
+    """Batch generation: ``generate(prompts, params)`` runs every prompt as a session of an
+    ``AsyncEngine`` (continuous batching, up to ``max_batch`` rows at once).
+
+    Seeding: prompt i of a call samples with seed ``params.seed + i``, so its tokens do not
+    depend on ``max_batch`` or on the other prompts.
+    """
+
+    def __init__(self, model: V4Model, *, max_batch: int = 32, max_context: int = 4096, **kw):
+        self.model, self.max_batch, self.max_context = model, max_batch, max_context
+        self._kw = kw
+        self._engine: AsyncEngine | None = None
+        _check_int("max_batch", max_batch, 1)
+        limit = model.cfg.max_position_embeddings
+        if not isinstance(max_context, int) or not 1 <= max_context <= limit:
+            raise ValueError(
+                f"max_context must be an int in [1, max_position_embeddings={limit}], "
+                f"got {max_context!r}"
+            )
 
     def _check(self, prompts: list[list[int]], params: SamplingParams) -> None:
         if not isinstance(params, SamplingParams):
@@ -141,55 +265,36 @@ class Engine:
                     f"max_context {self.max_context}"
                 )
 
-    @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
-        """Generate for every prompt (token ids); returns one Generation per prompt, in order."""
+        """Generate for every prompt (token ids); one Generation per prompt, in order."""
         prompts = [list(p) for p in prompts]
         self._check(prompts, params)
-        out: list[Generation] = []
-        for start in range(0, len(prompts), self.max_batch):
-            chunk = prompts[start : start + self.max_batch]
-            out += self._generate_chunk(chunk, params, first_index=start)
+        if self._engine is None:
+            self._engine = AsyncEngine(
+                self.model, max_batch=self.max_batch, max_context=self.max_context, **self._kw
+            )
+        eng = self._engine
+        base = params.seed
+        if base is None:
+            base = int(torch.randint(0, 2**62, ()))
+        futs = [eng._submit("open", tokens=p) for p in prompts]
+        gens = []
+        for i, f in enumerate(futs):
+            state = f.result()
+            s = Session(eng, state)
+            p = SamplingParams(**{**params.__dict__, "seed": base + i})
+            gens.append((s, eng._submit("generate", s, params=p)))
+        out = []
+        for s, f in gens:
+            out.append(f.result())
+            eng.run("close", s)
         return out
 
-    def _generators(self, n: int, params: SamplingParams, first: int) -> list[torch.Generator]:
-        if params.seed is None:
-            seeds = torch.randint(0, 2**62, (n,)).tolist()
-        else:
-            seeds = [params.seed + first + i for i in range(n)]
-        return [torch.Generator().manual_seed(s) for s in seeds]
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown_sync()
+            self._engine = None
 
-    def _generate_chunk(self, prompts, params, first_index):
-        model, device = self.model, self.model.embed.weight.device
-        b = len(prompts)
-        lengths = torch.tensor([len(p) for p in prompts], device=device)
-        ids = torch.zeros(b, int(lengths.max()), dtype=torch.long, device=device)
-        for r, p in enumerate(prompts):
-            ids[r, : len(p)] = torch.tensor(p)
-        capacity = int(lengths.max()) + params.max_new_tokens
-        cache = model.new_cache(b, capacity)
-        gens = self._generators(b, params, first_index)
-        stops = set(params.stop_token_ids)
-        results = [Generation() for _ in range(b)]
-        active = list(range(b))  # prompt (result) index of each cache row
-        logits = model.prefill(ids, lengths, cache)
-        for step in range(params.max_new_tokens):
-            tok, lp = sample(logits, params, [gens[r] for r in active])
-            keep = []
-            for i, (t, logp) in enumerate(zip(tok.tolist(), lp.tolist(), strict=True)):
-                res = results[active[i]]
-                res.token_ids.append(t)
-                res.logprobs.append(logp)
-                if t in stops:
-                    res.finish_reason = "stop"
-                else:
-                    keep.append(i)
-            if not keep or step == params.max_new_tokens - 1:
-                break
-            if len(keep) < len(active):  # finished rows leave the batch and the cache
-                rows = torch.tensor(keep, device=device)
-                cache.keep_rows(rows)
-                tok = tok[rows]
-                active = [active[i] for i in keep]
-            logits = model.decode(tok, cache)
-        return results
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()

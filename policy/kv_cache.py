@@ -174,3 +174,100 @@ class KVCache:
         """Bytes of the window rings, compressed entries and indexer keys (no tail states)."""
         stores = [s for la in self.layers for s in (la.window, la.comp, la.index) if s is not None]
         return sum(s.data.numel() * s.data.element_size() for s in stores)
+
+
+# ---------------------------------------------------------------------- row operations
+def _store_pairs(dst: LayerCache, src: LayerCache):
+    """(dst store, src store) pairs of two layer caches (window, compressed, indexer)."""
+    for name in ("window", "comp", "index"):
+        a, b = getattr(dst, name), getattr(src, name)
+        if a is not None:
+            yield a, b
+
+
+def _state_names(layer: LayerCache) -> list[str]:
+    return [n for n in ("kv_state", "sc_state", "ikv_state", "isc_state") if hasattr(layer, n)]
+
+
+def copy_row(dst: KVCache, dst_row: int, src: KVCache, src_row: int) -> None:
+    """Copy one sequence's whole state (entries, decode mirror, tail states, position) from row
+    ``src_row`` of ``src`` into row ``dst_row`` of ``dst``. Only the compressed entries the row
+    holds are copied, so the caches may have different capacities as long as ``dst`` can hold
+    the sequence."""
+    pos = int(src.pos[src_row])
+    if pos > dst.capacity:
+        raise ValueError(
+            f"a sequence of {pos} tokens does not fit a cache of capacity {dst.capacity}"
+        )
+    for i, (ld, ls) in enumerate(zip(dst.layers, src.layers, strict=True)):
+        held = pos // max(1, dst.cfg.compress_ratios[i])  # compressed entries the row holds
+        for a, b in _store_pairs(ld, ls):
+            n = a.data.shape[1] if a is ld.window else held
+            a.data[dst_row, :n] = b.data[src_row, :n]
+            if a.mirror is not None:
+                if b.mirror is not None:
+                    a.mirror[dst_row, :n] = b.mirror[src_row, :n]
+                else:
+                    a.mirror[dst_row, :n] = a.decode(b.data[src_row, :n])
+        for name in _state_names(ld):
+            getattr(ld, name)[dst_row] = getattr(ls, name)[src_row]
+    dst.pos[dst_row] = pos
+
+
+def clone_row(src: KVCache, row: int, capacity: int, mirror: bool = True) -> KVCache:
+    """A new one-row cache of ``capacity`` tokens holding row ``row`` of ``src``."""
+    out = KVCache(src.cfg, 1, capacity, src.pos.device, mirror)
+    copy_row(out, 0, src, row)
+    return out
+
+
+def view_rows(cache: KVCache, n: int) -> KVCache:
+    """The first ``n`` rows of ``cache`` as a cache sharing its storage (writes go through)."""
+    out = KVCache.__new__(KVCache)
+    out.cfg, out.batch, out.capacity = cache.cfg, n, cache.capacity
+    out.pos = cache.pos[:n]
+    out.layers = []
+    for la in cache.layers:
+        lv = LayerCache.__new__(LayerCache)
+        for name in ("window", "comp", "index"):
+            store = getattr(la, name)
+            if store is not None:
+                sv = EntryStore.__new__(EntryStore)
+                sv.layout, sv.kind, sv.quantised = store.layout, store.kind, store.quantised
+                sv.data = store.data[:n]
+                sv.mirror = None if store.mirror is None else store.mirror[:n]
+                store = sv
+            setattr(lv, name, store)
+        names = _state_names(la)
+        for name in names:
+            setattr(lv, name, getattr(la, name)[:n])
+        lv.states = [getattr(lv, name) for name in names]
+        out.layers.append(lv)
+    return out
+
+
+def tail_state(cache: KVCache, row: int) -> dict:
+    """What a rollback to the row's current position needs besides the append-only compressed
+    entries (which later appends never rewrite below that position): a copy of the window ring
+    and of the compressor tail states."""
+    out = {"pos": int(cache.pos[row]), "layers": []}
+    for la in cache.layers:
+        w = la.window
+        state = {
+            "data": w.data[row].clone(),
+            "mirror": None if w.mirror is None else w.mirror[row].clone(),
+        }
+        state.update({n: getattr(la, n)[row].clone() for n in _state_names(la)})
+        out["layers"].append(state)
+    return out
+
+
+def restore_tail(cache: KVCache, row: int, tail: dict) -> None:
+    """Roll row ``row`` back to the position ``tail`` was taken at (see ``tail_state``)."""
+    for la, state in zip(cache.layers, tail["layers"], strict=True):
+        la.window.data[row] = state["data"]
+        if la.window.mirror is not None:
+            la.window.mirror[row] = state["mirror"]
+        for n in _state_names(la):
+            getattr(la, n)[row] = state[n]
+    cache.pos[row] = tail["pos"]
