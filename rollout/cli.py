@@ -1,0 +1,142 @@
+"""``python -m rollout``: the rollout job.
+
+    python -m rollout run CONFIG [--out DIR] [--address ADDR] [--set key=value ...] [--resume]
+
+``run`` checks the config (a bad key or value exits with status 2 before anything starts),
+starts an embedded Ray instance (or joins the cluster at ``--address`` / ``RAY_ADDRESS``, as
+under ``ray job submit --working-dir . -- python -m rollout run CONFIG``), runs every task group
+on RolloutWorker actors, stores the trajectories in the run directory (``--out``, default
+``run.out_dir/run.name``) and prints a summary table. ``--resume`` continues a run directory,
+skipping the groups it already holds. Exit status: 0 done, 1 the job failed, 2 bad usage or
+config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rollout.native_import import use_built_dsec
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m rollout", description="Multi-turn rollouts with sandboxed tools on Ray."
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the rollout job of a TOML config")
+    run.add_argument("config", type=Path, help="the job's TOML config (see configs/)")
+    run.add_argument("--out", type=Path, help="run directory (default: run.out_dir/run.name)")
+    run.add_argument(
+        "--address", help="join this Ray cluster (default: RAY_ADDRESS, else an embedded Ray)"
+    )
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set task.num_prompts=4 (repeatable)",
+    )
+    run.add_argument("--resume", action="store_true", help="continue the run directory")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    use_built_dsec()  # before the config check imports the tasks (and with them dsec)
+    from rollout.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    run_dir = args.out or Path(config.run.out_dir) / config.run.name
+    if (run_dir / "config.json").exists() and not args.resume:
+        print(
+            f"error: {run_dir} already holds a run: pass --resume to continue it, or --out DIR",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from rollout import workers
+
+    started = workers.connect(config, args.address)
+    try:
+        summary = workers.RolloutJob(config, run_dir, resume=args.resume).run()
+    except workers.JobError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        if started:
+            workers.disconnect()
+    print_summary(summary)
+    return 0
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def print_summary(summary: Any) -> None:
+    """The end-of-run table (rich; plain text when stdout is not a terminal)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    m = summary.metrics
+    seconds = max(summary.elapsed_s, 1e-9)
+    rows = [
+        ("run directory", summary.run_dir),
+        (
+            "groups",
+            f"{summary.groups_stored} run, {summary.groups_skipped} already stored, "
+            f"{summary.groups_total} in all",
+        ),
+        ("trajectories (this run)", summary.trajectories),
+        ("time", f"{summary.elapsed_s:.1f} s"),
+        ("trajectories / s", summary.trajectories / seconds),
+        ("sampled tokens / s", summary.sampled_tokens / seconds),
+        ("reward mean", m.get("reward/mean")),
+        ("pass rate", m.get("pass_rate")),
+        ("turns mean", m.get("turns/mean")),
+        (
+            "tool calls (errors)",
+            f"{m.get('tool_calls/total', 0)} ({m.get('tool_errors/total', 0)})",
+        ),
+        (
+            "finish reasons",
+            ", ".join(
+                f"{k.split('/', 1)[1]} {v}"
+                for k, v in sorted(m.items())
+                if k.startswith("finish_reason/") and v
+            ),
+        ),
+        (
+            "time in generate / tools / score",
+            " / ".join(
+                f"{m.get(f'timing/{p}/total', 0.0):.1f} s" for p in ("generate", "tools", "score")
+            ),
+        ),
+        (
+            "worker failures (requeued groups)",
+            f"{summary.worker_failures} ({summary.requeued_groups})",
+        ),
+    ]
+    table = Table(title="rollout summary", show_header=False)
+    table.add_column("metric", style="bold")
+    table.add_column("value")
+    for name, value in rows:
+        if value is not None:
+            table.add_row(name, _fmt(value))
+    Console().print(table)

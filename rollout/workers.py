@@ -1,0 +1,585 @@
+"""Ray: RolloutWorker actors and the driver that shards task groups over them.
+
+This is the only module of the project that imports ``ray``; the agent loop, tasks, rewards and
+storage it wires together are plain Python.
+
+- :class:`RolloutWorker` (an async actor): one policy engine, a sandbox pool, and many agent
+  loops at once (``workers.concurrency``), so that one episode's tool call runs while others
+  generate. ``run_group(group)`` runs the group's G episodes (a GRPO group), scores each with the
+  reward functions while its sandbox is still live, and returns the G trajectories.
+- :class:`RolloutJob` (the driver): builds the task groups, skips those already stored (resume),
+  keeps every worker busy with a few groups in flight, stores each finished group once
+  (``rollout.store``) in batches of ``run.groups_per_batch`` groups, and appends one record per
+  batch to ``metrics.jsonl``.
+
+A worker that dies mid-run: every group it had in flight fails with a ``RayActorError`` and goes
+back to the queue; the worker is restarted by Ray (``workers.max_restarts``) or, once it has no
+restarts left, replaced by a new actor. A group is re-run at most ``workers.max_group_retries``
+times. Results are taken only from completed calls and the store skips stored groups, so nothing
+is lost or stored twice.
+"""
+
+from __future__ import annotations
+
+from rollout.native_import import use_built_dsec
+
+use_built_dsec()  # before anything imports dsec (see rollout.native_import)
+
+import asyncio  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections import Counter, deque  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import ray  # noqa: E402
+from ray.exceptions import ActorDiedError, RayActorError, RayTaskError  # noqa: E402
+
+from rollout.config import Config, ConfigError, from_dict  # noqa: E402
+from rollout.store import RunStore  # noqa: E402
+from rollout.types import Trajectory  # noqa: E402
+
+__all__ = ["Group", "JobError", "RolloutJob", "RolloutWorker", "RunSummary", "make_groups"]
+
+log = logging.getLogger("rollout")
+
+
+class JobError(RuntimeError):
+    """The run cannot complete (a group failed too often, every worker is gone, ...)."""
+
+
+@dataclass(frozen=True)
+class Group:
+    """One task instance and how many episodes to run from it (a GRPO group)."""
+
+    group_id: str
+    instance: Any  # rollout.tasks.Instance
+    size: int
+
+
+def make_groups(config: Config) -> list[Group]:
+    """The run's task groups: ``task.num_prompts`` instances of ``task.split`` (seeded by
+    ``run.seed``), each run ``task.group_size`` times. A group's id is its instance id, so a
+    resumed run recognises the groups it already stored."""
+    from rollout.tasks import get_task
+
+    task = get_task(config.task.name, **config.task.options)
+    instances = task.instances(config.task.split, config.task.num_prompts, seed=config.run.seed)
+    return [Group(inst.id, inst, config.task.group_size) for inst in instances]
+
+
+# ------------------------------------------------------------------------------------------------
+# The worker
+# ------------------------------------------------------------------------------------------------
+
+
+class RolloutWorker:
+    """Runs task groups: one engine, one sandbox pool, up to ``concurrency`` agent loops.
+
+    Used as a Ray actor (``ray.remote(RolloutWorker)``; every method is async, so calls
+    interleave on the actor's event loop). Everything heavy is built on the first call, in the
+    actor's process: the policy (the preset's model, seeded with ``run.seed`` so every worker
+    holds the same weights, or the checkpoint), the engine and the sandbox pool.
+    """
+
+    def __init__(self, config: dict[str, Any], index: int = 0) -> None:
+        self.config = from_dict(config)
+        self.index = index
+        self._setup_lock: asyncio.Lock | None = None
+        self._ready = False
+
+    async def _setup(self) -> None:
+        if self._ready:
+            return
+        if self._setup_lock is None:
+            self._setup_lock = asyncio.Lock()
+        async with self._setup_lock:
+            if self._ready:
+                return
+            c = self.config
+            loop = asyncio.get_running_loop()
+            # sandbox calls and pool acquire/release block a thread each: never let them starve
+            threads = 2 * c.workers.concurrency + 4
+            loop.set_default_executor(ThreadPoolExecutor(threads, thread_name_prefix="rollout"))
+            self._slots = asyncio.Semaphore(c.workers.concurrency)
+            self._limits, self._sampling, self._reward = _episode_settings(c)
+            self._pool = await loop.run_in_executor(None, self._make_pool)
+            self._engine, self._tokenizer = await loop.run_in_executor(None, self._make_policy)
+            self._ready = True
+
+    def _make_pool(self):
+        import dsec
+
+        s = self.config.sandbox
+        return dsec.SandboxPool(
+            self.config.workers.concurrency,
+            memory_bytes=s.memory_mb << 20,
+            max_pids=s.max_pids,
+            timeout=s.timeout,
+        )
+
+    def _make_policy(self):
+        import torch
+
+        import policy
+        from policy.tokenizer import ByteTokenizer
+
+        c = self.config
+        torch.manual_seed(c.run.seed)
+        cfg = policy.V4Config.from_preset(c.policy.preset, kv_dtype=c.policy.kv_dtype)
+        model = policy.V4Model(cfg)
+        if c.policy.checkpoint:
+            policy.load(model, c.policy.checkpoint)
+        model.eval()
+        engine = policy.AsyncEngine(
+            model,
+            max_batch=c.engine.max_batch,
+            max_context=c.engine.max_context,
+            kv_budget_bytes=c.engine.kv_budget_bytes or None,
+        )
+        return engine, ByteTokenizer()
+
+    async def ready(self) -> dict[str, Any]:
+        """Builds the worker if needed; returns ``{"index", "pid"}``."""
+        await self._setup()
+        return {"index": self.index, "pid": os.getpid()}
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+    async def run_group(self, group: Group) -> list[Trajectory]:
+        """The group's ``size`` episodes, run concurrently and scored; in sample order."""
+        await self._setup()
+        episodes = [self._episode(group, i) for i in range(group.size)]
+        return list(await asyncio.gather(*episodes))
+
+    async def _episode(self, group: Group, sample_index: int) -> Trajectory:
+        """One episode on its own sandbox, scored while the sandbox is live, then released."""
+        from rollout.agent import run_episode
+        from rollout.backends import EngineBackend
+
+        loop = asyncio.get_running_loop()
+        async with self._slots:
+            sandbox = await loop.run_in_executor(None, self._pool.acquire)
+            try:
+                traj = await run_episode(
+                    EngineBackend(self._engine),
+                    sandbox,
+                    group.instance,
+                    self._limits,
+                    tokenizer=self._tokenizer,
+                    sampling=self._sampling,
+                    trajectory_id=f"{group.group_id}#{sample_index}",
+                    group_id=group.group_id,
+                    sample_index=sample_index,
+                    thinking_mode=self.config.sampling.thinking_mode,
+                )
+                await loop.run_in_executor(
+                    None, self._reward.score, traj, group.instance.verifier, sandbox
+                )
+            finally:
+                await loop.run_in_executor(None, self._pool.release, sandbox)
+        return traj
+
+    async def shutdown(self) -> None:
+        """Closes the sandbox pool and the engine (the actor may then be killed)."""
+        if self._ready:
+            self._pool.close()
+            await self._engine.shutdown()
+            self._ready = False
+
+
+def _episode_settings(c: Config):
+    """The agent loop's Limits, the SamplingParams and the reward of a config."""
+    from policy.engine import SamplingParams
+    from reward import make_reward
+    from rollout.agent import Limits
+    from rollout.tasks import get_task
+
+    limits = Limits(
+        max_turns=c.limits.max_turns,
+        max_context_tokens=c.limits.max_context_tokens or c.engine.max_context,
+        max_new_tokens=c.sampling.max_new_tokens,
+        tool_timeout=c.limits.tool_timeout,
+        deadline=c.limits.deadline,
+        max_tool_output_chars=c.limits.max_tool_output_chars,
+    )
+    sampling = SamplingParams(
+        temperature=c.sampling.temperature, top_p=c.sampling.top_p, top_k=c.sampling.top_k
+    )
+    spec = c.reward_spec() or get_task(c.task.name, **c.task.options).reward
+    return limits, sampling, make_reward(spec)
+
+
+# ------------------------------------------------------------------------------------------------
+# The driver
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunSummary:
+    """What a run did (the CLI prints it as the summary table)."""
+
+    run_dir: str
+    groups_total: int
+    groups_skipped: int  # already stored when the run started (--resume)
+    groups_stored: int  # stored by this run
+    trajectories: int  # stored by this run
+    sampled_tokens: int  # sampled by this run
+    elapsed_s: float
+    requeued_groups: int
+    worker_failures: int  # worker deaths seen (failed calls or a failed readiness check)
+    workers_replaced: int  # dead workers replaced by a new actor (no Ray restarts left)
+    metrics: dict[str, Any] = field(default_factory=dict)  # reward.summarize of the whole run
+
+
+@dataclass
+class _Slot:
+    """One worker position: its actor, the groups it has in flight and its health check."""
+
+    index: int
+    actor: Any
+    inflight: dict[Any, tuple[Group, Any]] = field(default_factory=dict)  # ref: (group, actor)
+    check: Any = None  # ObjectRef of a pending ready(): the slot gets no work until it returns
+    replacements: int = 0
+
+
+class RolloutJob:
+    """The driver of one run: ``RolloutJob(config, run_dir).run()`` (Ray must be initialised).
+
+    ``on_batch(job, batch_number)`` is called after each stored batch (progress hooks, tests);
+    ``job.slots[i].actor`` are the worker handles while the run is going.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        run_dir: str | os.PathLike[str],
+        *,
+        resume: bool = False,
+        progress: bool | None = None,
+        on_batch: Callable[[RolloutJob, int], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.on_batch = on_batch
+        self.slots: list[_Slot] = []
+        self.stats: Counter[str] = Counter()
+        self._attempts: Counter[str] = Counter()
+        self._pending: deque[Group] = deque()
+        self._buffer: list[list[Trajectory]] = []
+        self._done: set[str] = set()
+
+    # -- set-up ----------------------------------------------------------------------------------
+
+    def _open_store(self) -> RunStore:
+        existing = self.run_dir / "config.json"
+        if existing.exists() and not self.resume:
+            raise JobError(
+                f"run directory {self.run_dir} already holds a run; pass --resume to continue "
+                "it, or choose another --out"
+            )
+        store = RunStore(self.run_dir)
+        if self.resume and existing.exists():
+            _check_resumable(store.read_config(), self.config)
+        store.write_config(self.config.to_dict())
+        return store
+
+    def _check_resources(self) -> None:
+        w = self.config.workers
+        have = ray.cluster_resources()
+        for key, per in (("CPU", w.num_cpus), ("GPU", w.num_gpus)):
+            if per > have.get(key, 0.0):
+                raise JobError(
+                    f"workers.num_{key.lower()}s = {per:g} per worker, but the Ray cluster has "
+                    f"{have.get(key, 0.0):g} {key} in all: no worker could ever start"
+                )
+
+    def _new_actor(self, index: int) -> Any:
+        w = self.config.workers
+        cls = ray.remote(RolloutWorker).options(
+            num_cpus=w.num_cpus,
+            num_gpus=w.num_gpus,
+            max_restarts=w.max_restarts,
+            max_task_retries=0,  # the driver re-queues: a group never runs twice at once
+            max_concurrency=max(64, 4 * w.concurrency),
+        )
+        return cls.remote(self.config.to_dict(), index)
+
+    # -- the run ---------------------------------------------------------------------------------
+
+    def run(self) -> RunSummary:
+        """Run every group not stored yet; returns the summary. Raises JobError if it cannot."""
+        groups = make_groups(self.config)
+        self._check_resources()
+        store = self._open_store()
+        self._pending = deque(g for g in groups if not store.has_group(g.group_id))
+        skipped = len(groups) - len(self._pending)
+        t_start = time.perf_counter()
+        totals = Counter()
+        bar = _Progress(len(self._pending), enabled=self.progress, skipped=skipped)
+        try:
+            if self._pending:
+                for i in range(self.config.workers.num_workers):
+                    slot = _Slot(i, self._new_actor(i))
+                    slot.check = slot.actor.ready.remote()
+                    self.slots.append(slot)
+            while self._pending or self._inflight():
+                self._submit()
+                for ref, slot, kind in self._wait():
+                    if kind == "check":
+                        self._on_check(slot, ref)
+                    elif self._on_result(slot, ref, store):
+                        bar.update(1)
+                    if self._buffer and (
+                        len(self._buffer) >= self.config.run.groups_per_batch
+                        or not (self._pending or self._inflight())
+                    ):
+                        row = self._flush(store, t_start)
+                        totals.update(trajectories=row["trajectories"], tokens=row["tokens"])
+                        bar.log_batch(row)
+                        if self.on_batch is not None:
+                            self.on_batch(self, row["batch"])
+        finally:
+            bar.close()
+            self._stop_workers()
+        elapsed = time.perf_counter() - t_start
+        return RunSummary(
+            run_dir=str(self.run_dir),
+            groups_total=len(groups),
+            groups_skipped=skipped,
+            groups_stored=len(self._done),
+            trajectories=totals["trajectories"],
+            sampled_tokens=totals["tokens"],
+            elapsed_s=elapsed,
+            requeued_groups=self.stats["requeued_groups"],
+            worker_failures=self.stats["worker_failures"],
+            workers_replaced=self.stats["workers_replaced"],
+            metrics=_summarize(list(store.iter_trajectories())),
+        )
+
+    def _inflight(self) -> int:
+        return sum(len(s.inflight) for s in self.slots)
+
+    def _submit(self) -> None:
+        """Top every healthy worker up to a few groups in flight (enough to fill its loops)."""
+        c = self.config
+        per_worker = math.ceil(c.workers.concurrency / c.task.group_size) + 1
+        for slot in self.slots:
+            while slot.check is None and self._pending and len(slot.inflight) < per_worker:
+                group = self._pending.popleft()
+                slot.inflight[slot.actor.run_group.remote(group)] = (group, slot.actor)
+
+    def _wait(self) -> list[tuple[Any, _Slot, str]]:
+        """The calls that finished (waits up to a few seconds for one)."""
+        refs = {ref: (s, "group") for s in self.slots for ref in s.inflight}
+        refs.update({s.check: (s, "check") for s in self.slots if s.check is not None})
+        if not refs:
+            raise JobError("every worker is gone; groups are left unfinished")
+        done, _ = ray.wait(list(refs), num_returns=1, timeout=5.0)
+        return [(ref, *refs[ref]) for ref in done]
+
+    def _on_result(self, slot: _Slot, ref: Any, store: RunStore) -> bool:
+        """A run_group call finished: buffer its trajectories, or re-queue the group."""
+        group, actor = slot.inflight.pop(ref)
+        try:
+            trajectories = ray.get(ref)
+        except (RayActorError, RayTaskError) as exc:
+            self._requeue(group, exc)
+            if isinstance(exc, RayActorError) and slot.check is None and actor is slot.actor:
+                self.stats["worker_failures"] += 1
+                log.warning("worker %d died; its groups go back to the queue", slot.index)
+                slot.check = slot.actor.ready.remote()
+            return False
+        if group.group_id in self._done or store.has_group(group.group_id):
+            return False  # never stored twice
+        _check_group(group, trajectories)
+        self._done.add(group.group_id)
+        self._buffer.append(trajectories)
+        return True
+
+    def _requeue(self, group: Group, exc: Exception) -> None:
+        self._attempts[group.group_id] += 1
+        if self._attempts[group.group_id] > self.config.workers.max_group_retries:
+            raise JobError(
+                f"group {group.group_id!r} failed {self._attempts[group.group_id]} times "
+                f"(workers.max_group_retries = {self.config.workers.max_group_retries}); "
+                f"last error: {exc}"
+            ) from exc
+        if not isinstance(exc, RayActorError):
+            log.warning("group %s failed and is re-queued: %s", group.group_id, exc)
+        self.stats["requeued_groups"] += 1
+        self._pending.appendleft(group)
+
+    def _on_check(self, slot: _Slot, ref: Any) -> None:
+        """A worker's ready() came back: it is usable again, or dead for good (replace it)."""
+        slot.check = None
+        try:
+            ray.get(ref)
+            return
+        except ActorDiedError as exc:
+            error: Exception = exc
+        except RayActorError:  # unavailable while Ray restarts it: ask again
+            slot.check = slot.actor.ready.remote()
+            return
+        except RayTaskError as exc:  # set-up failed: a config or host problem, not bad luck
+            raise JobError(f"worker {slot.index} could not start: {exc}") from exc
+        self.stats["worker_failures"] += 1
+        if slot.replacements >= max(1, self.config.workers.max_restarts):
+            log.warning("worker %d is dead and is not replaced: %s", slot.index, error)
+            self.slots.remove(slot)
+            for group, _ in slot.inflight.values():
+                self._requeue(group, error)
+            return
+        slot.replacements += 1
+        self.stats["workers_replaced"] += 1
+        log.warning("worker %d is dead; starting a new one", slot.index)
+        slot.actor = self._new_actor(slot.index)
+        slot.check = slot.actor.ready.remote()
+
+    def _flush(self, store: RunStore, t_start: float) -> dict[str, Any]:
+        """Store the buffered groups as one batch and append its metrics record."""
+        trajectories = [t for group in self._buffer for t in group]
+        store.write_groups(trajectories)
+        row = {
+            "batch": store.num_batches - 1,
+            "groups": len(self._buffer),
+            "groups_done": len(self._done),
+            "trajectories": len(trajectories),
+            "tokens": sum(t.num_sampled for t in trajectories),
+            "elapsed_s": round(time.perf_counter() - t_start, 3),
+            "requeued_groups": self.stats["requeued_groups"],
+            "worker_failures": self.stats["worker_failures"],
+            **_summarize(trajectories),
+        }
+        store.append_metrics(row)
+        self._buffer = []
+        return row
+
+    def _stop_workers(self) -> None:
+        """Close every worker's sandboxes and engine, then end the actors."""
+        slots, self.slots = self.slots, []
+        closing = [s.actor.shutdown.remote() for s in slots]
+        if closing:
+            ray.wait(closing, num_returns=len(closing), timeout=30.0)
+        for s in slots:
+            ray.kill(s.actor, no_restart=True)
+
+
+def _check_group(group: Group, trajectories: list[Trajectory]) -> None:
+    indices = sorted(t.sample_index for t in trajectories)
+    ids = {t.group_id for t in trajectories}
+    if indices != list(range(group.size)) or ids != {group.group_id}:
+        raise JobError(
+            f"group {group.group_id!r} came back with samples {indices} of groups {sorted(ids)}; "
+            f"expected samples 0..{group.size - 1} of that group"
+        )
+
+
+def _check_resumable(stored: dict[str, Any], config: Config) -> None:
+    """A resumed run must produce the same kind of trajectories: only the run's location, the
+    workers and engine sizes, and the number of prompts may change."""
+    free = {("run", "out_dir"), ("run", "name"), ("task", "num_prompts")}
+    free_sections = {"workers", "engine"}
+    now = config.to_dict()
+    try:
+        old = from_dict(stored).to_dict()
+    except ConfigError as exc:
+        raise JobError(f"the run directory's config.json cannot be read back: {exc}") from exc
+    changed = [
+        f"{section}.{key}"
+        for section, values in now.items()
+        if section not in free_sections
+        for key, value in values.items()
+        if (section, key) not in free and old[section][key] != value
+    ]
+    if changed:
+        raise JobError("--resume: the config differs from the stored run in " + ", ".join(changed))
+
+
+def _summarize(trajectories: list[Trajectory]) -> dict[str, Any]:
+    """``reward.summarize`` plus the seconds spent per phase, summed over the episodes."""
+    from reward import summarize
+
+    out = dict(summarize(trajectories))
+    for phase in ("generate", "tools", "score"):
+        out[f"timing/{phase}/total"] = sum(t.timings.get(phase, 0.0) for t in trajectories)
+    return out
+
+
+class _Progress:
+    """tqdm on a terminal; otherwise one plain log line per stored batch."""
+
+    def __init__(self, total: int, *, enabled: bool, skipped: int) -> None:
+        self.total = total
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="group", desc="rollout", dynamic_ncols=True)
+        elif skipped:
+            print(f"resuming: {skipped} groups already stored, {total} to run", flush=True)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def log_batch(self, row: dict[str, Any]) -> None:
+        if self.bar is not None:
+            reward = row.get("reward/mean")
+            if reward is not None:
+                self.bar.set_postfix(reward=f"{reward:.3f}")
+            return
+        reward = row.get("reward/mean")
+        print(
+            f"batch {row['batch']}: {row['groups']} groups ({row['groups_done']}/{self.total}), "
+            f"{row['trajectories']} trajectories"
+            + (f", reward {reward:.3f}" if reward is not None else "")
+            + f", {row['elapsed_s']:.1f} s",
+            flush=True,
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Connecting to Ray
+# ------------------------------------------------------------------------------------------------
+
+_LOOPBACK_ENV = {  # an embedded instance is single-node and private (shared/PLATFORM.md §5)
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def connect(config: Config, address: str | None = None) -> bool:
+    """Join the cluster at ``address`` or ``RAY_ADDRESS`` (as under ``ray job submit``), else
+    start an embedded instance sized for the workers. Returns True when this call started Ray
+    (the caller then calls :func:`disconnect`); False when Ray was already up or joined."""
+    if ray.is_initialized():
+        return False
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, **quiet)
+        return True
+    for key, value in _LOOPBACK_ENV.items():
+        os.environ.setdefault(key, value)
+    w = config.workers
+    cpus = max(os.cpu_count() or 1, math.ceil(w.num_workers * w.num_cpus))
+    ray.init(num_cpus=cpus, include_dashboard=False, **quiet)
+    return True
+
+
+def disconnect() -> None:
+    ray.shutdown()

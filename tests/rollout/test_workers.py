@@ -1,0 +1,114 @@
+"""RolloutWorker actors and the driver on a real local Ray, with the real tiny policy and real
+sandboxes: every group is stored exactly once, also when a worker is killed mid-run."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from rollout.config import load_config
+from rollout.store import iter_trajectories, read_config, read_metrics
+from rollout.workers import JobError, RolloutJob, make_groups
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+SMALL = [
+    "policy.preset=tiny",
+    "engine.max_context=1536",
+    "engine.max_batch=8",
+    "task.group_size=2",
+    "sampling.max_new_tokens=8",
+    "limits.max_turns=1",
+    "limits.deadline=60",
+    "workers.num_workers=2",
+    "workers.num_cpus=1",
+    "workers.concurrency=4",
+    "run.groups_per_batch=1",
+]
+
+
+def small_config(*overrides: str):
+    return load_config(None, [*SMALL, *overrides])
+
+
+def assert_each_group_once(run_dir: Path, config) -> list:
+    """Every group of the config is stored, each with its G samples, and nothing twice."""
+    trajectories = list(iter_trajectories(run_dir))
+    keys = Counter((t.group_id, t.sample_index) for t in trajectories)
+    assert max(keys.values()) == 1, [k for k, n in keys.items() if n > 1]
+    expected = {g.group_id for g in make_groups(config)}
+    size = config.task.group_size
+    assert set(keys) == {(g, i) for g in expected for i in range(size)}
+    return trajectories
+
+
+def test_run_stores_every_group_once(ray_session, tmp_path):
+    config = small_config("task.num_prompts=4")
+    summary = RolloutJob(config, tmp_path / "run", progress=False).run()
+
+    trajectories = assert_each_group_once(tmp_path / "run", config)
+    assert summary.groups_stored == summary.groups_total == 4 and summary.groups_skipped == 0
+    assert summary.trajectories == len(trajectories) == 8
+    assert summary.worker_failures == 0 and summary.requeued_groups == 0
+    assert read_config(tmp_path / "run") == config.to_dict()
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["batch"] for m in metrics] == [0, 1, 2, 3]  # groups_per_batch = 1
+    assert sum(m["trajectories"] for m in metrics) == 8
+    assert metrics[-1]["groups_done"] == 4
+    for t in trajectories:
+        assert t.task == "arith_tool" and t.group_id == t.instance_id
+        assert len(t.loss_mask) == len(t.response_ids) == len(t.logprobs)
+        assert 1 <= t.num_sampled <= 8  # one turn of at most max_new_tokens
+        assert set(t.reward_components) == {"exact_match"}  # arith_tool's default reward
+        assert {"generate", "tools", "score"} <= set(t.timings)
+    assert summary.sampled_tokens == sum(t.num_sampled for t in trajectories)
+
+
+def test_resume_runs_only_the_missing_groups(ray_session, tmp_path):
+    run_dir = tmp_path / "run"
+    first = small_config("task.num_prompts=2", "workers.num_workers=1")
+    RolloutJob(first, run_dir, progress=False).run()
+    with pytest.raises(JobError, match="already holds a run; pass --resume"):
+        RolloutJob(first, run_dir, progress=False).run()
+    with pytest.raises(JobError, match=r"differs from the stored run in sampling\.temperature"):
+        RolloutJob(
+            small_config("task.num_prompts=3", "sampling.temperature=0.5"), run_dir, resume=True
+        ).run()
+
+    more = small_config("task.num_prompts=3", "workers.num_workers=1")
+    summary = RolloutJob(more, run_dir, resume=True, progress=False).run()
+    assert (summary.groups_skipped, summary.groups_stored, summary.groups_total) == (2, 1, 3)
+    assert_each_group_once(run_dir, more)
+
+
+@pytest.mark.parametrize("max_restarts", [1, 0], ids=["restarted-by-ray", "replaced"])
+def test_worker_killed_mid_run_loses_nothing(ray_session, tmp_path, max_restarts):
+    """SIGKILL one worker after the first stored batch, while it has groups in flight: its
+    groups are re-run (on the worker Ray restarts, or on a new worker once it has no restarts
+    left) and every group is stored exactly once."""
+    import ray
+
+    config = small_config("task.num_prompts=8", f"workers.max_restarts={max_restarts}")
+    killed: dict[str, object] = {}
+
+    def kill_first_worker(job: RolloutJob, batch: int) -> None:
+        if batch == 0:
+            slot = job.slots[0]
+            killed["actor"], killed["pid"] = slot.actor, ray.get(slot.actor.pid.remote())
+            assert slot.inflight, "the worker should have groups in flight"
+            os.kill(killed["pid"], signal.SIGKILL)
+
+    job = RolloutJob(config, tmp_path / "run", progress=False, on_batch=kill_first_worker)
+    summary = job.run()
+
+    assert_each_group_once(tmp_path / "run", config)
+    assert summary.groups_stored == 8
+    assert summary.worker_failures >= 1 and summary.requeued_groups >= 1
+    if max_restarts == 0:
+        assert summary.workers_replaced == 1
+    else:
+        assert summary.workers_replaced == 0
