@@ -268,13 +268,27 @@ class _Episode:
             )
         self._record(list(gen.token_ids), sampled=True, logprobs=list(gen.logprobs))
         self.turns += 1
-        self.versions.append(int(gen.version))
-        message = parse_assistant(self.tokenizer.decode(gen.token_ids), self.thinking_mode)
+        self.versions.append(min(getattr(gen, "versions", None) or [gen.version]))
+        message = self._parse(list(gen.token_ids))
         self.messages.append(message)
         cut_off = gen.finish_reason != "stop"
         if cut_off and max_new == room:
             raise _Ended("context")
         return message, cut_off
+
+    def _parse(self, ids: list[int]) -> dict[str, Any]:
+        """The parsed turn; ids the tokenizer cannot decode (a model whose vocabulary is larger
+        than the tokenizer's) are left out of the text and reported as a defect."""
+        vocab = self.tokenizer.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        text = self.tokenizer.decode([t for t in ids if 0 <= t < vocab])
+        message = parse_assistant(text, self.thinking_mode)
+        if bad:
+            shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+            message["errors"].append(
+                f"{len(bad)} sampled token(s) outside the tokenizer's vocabulary: {shown}"
+            )
+        return message
 
     def _record(self, ids: list[int], *, sampled: bool, logprobs: list[float] | None = None):
         self.context += ids

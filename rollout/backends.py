@@ -296,6 +296,10 @@ def _token_list(ids: Sequence[int], what: str) -> list[int]:
 
 
 def _generation(ids: list[int], finish: str, version: int) -> Generation:
-    gen = Generation(token_ids=ids, logprobs=[0.0] * len(ids), finish_reason=finish)
-    gen.version = version  # TRANSITIONAL until policy.Generation has its version field
-    return gen
+    return Generation(
+        token_ids=ids,
+        logprobs=[0.0] * len(ids),
+        finish_reason=finish,
+        version=version,
+        versions=[version] * len(ids),
+    )
