@@ -46,16 +46,17 @@ def assert_each_group_once(run_dir: Path, config) -> list:
     return trajectories
 
 
-def test_run_stores_every_group_once(ray_session, tmp_path):
+def test_run_stores_every_group_once_and_resumes(ray_session, tmp_path):
+    run_dir = tmp_path / "run"
     config = small_config("task.num_prompts=4")
-    summary = RolloutJob(config, tmp_path / "run", progress=False).run()
+    summary = RolloutJob(config, run_dir, progress=False).run()
 
-    trajectories = assert_each_group_once(tmp_path / "run", config)
+    trajectories = assert_each_group_once(run_dir, config)
     assert summary.groups_stored == summary.groups_total == 4 and summary.groups_skipped == 0
     assert summary.trajectories == len(trajectories) == 8
     assert summary.worker_failures == 0 and summary.requeued_groups == 0
-    assert read_config(tmp_path / "run") == config.to_dict()
-    metrics = read_metrics(tmp_path / "run")
+    assert read_config(run_dir) == config.to_dict()
+    metrics = read_metrics(run_dir)
     assert [m["batch"] for m in metrics] == [0, 1, 2, 3]  # groups_per_batch = 1
     assert sum(m["trajectories"] for m in metrics) == 8
     assert metrics[-1]["groups_done"] == 4
@@ -67,21 +68,17 @@ def test_run_stores_every_group_once(ray_session, tmp_path):
         assert {"generate", "tools", "score"} <= set(t.timings)
     assert summary.sampled_tokens == sum(t.num_sampled for t in trajectories)
 
-
-def test_resume_runs_only_the_missing_groups(ray_session, tmp_path):
-    run_dir = tmp_path / "run"
-    first = small_config("task.num_prompts=2", "workers.num_workers=1")
-    RolloutJob(first, run_dir, progress=False).run()
+    # the same directory again: refused without --resume, or with a config that changed
     with pytest.raises(JobError, match="already holds a run; pass --resume"):
-        RolloutJob(first, run_dir, progress=False).run()
+        RolloutJob(config, run_dir, progress=False).run()
+    changed = small_config("task.num_prompts=5", "sampling.temperature=0.5")
     with pytest.raises(JobError, match=r"differs from the stored run in sampling\.temperature"):
-        RolloutJob(
-            small_config("task.num_prompts=3", "sampling.temperature=0.5"), run_dir, resume=True
-        ).run()
+        RolloutJob(changed, run_dir, resume=True, progress=False).run()
 
-    more = small_config("task.num_prompts=3", "workers.num_workers=1")
+    # resumed with more prompts (and fewer workers): only the missing group runs
+    more = small_config("task.num_prompts=5", "workers.num_workers=1")
     summary = RolloutJob(more, run_dir, resume=True, progress=False).run()
-    assert (summary.groups_skipped, summary.groups_stored, summary.groups_total) == (2, 1, 3)
+    assert (summary.groups_skipped, summary.groups_stored, summary.groups_total) == (4, 1, 5)
     assert_each_group_once(run_dir, more)
 
 
@@ -92,7 +89,7 @@ def test_worker_killed_mid_run_loses_nothing(ray_session, tmp_path, max_restarts
     left) and every group is stored exactly once."""
     import ray
 
-    config = small_config("task.num_prompts=8", f"workers.max_restarts={max_restarts}")
+    config = small_config("task.num_prompts=6", f"workers.max_restarts={max_restarts}")
     killed: dict[str, object] = {}
 
     def kill_first_worker(job: RolloutJob, batch: int) -> None:
@@ -106,7 +103,7 @@ def test_worker_killed_mid_run_loses_nothing(ray_session, tmp_path, max_restarts
     summary = job.run()
 
     assert_each_group_once(tmp_path / "run", config)
-    assert summary.groups_stored == 8
+    assert summary.groups_stored == 6
     assert summary.worker_failures >= 1 and summary.requeued_groups >= 1
     if max_restarts == 0:
         assert summary.workers_replaced == 1
