@@ -28,6 +28,7 @@ until no generation is running (new generations wait for it), and caches are kep
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import queue
 import threading
@@ -60,6 +61,7 @@ class _Op:
     # generate state
     gen: Generation | None = None
     generator: torch.Generator | None = None
+    sample_key: SamplingParams | None = None
 
 
 @dataclass(eq=False)
@@ -284,6 +286,7 @@ class Scheduler:
             seed = op.params.seed
             seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
             op.generator = torch.Generator().manual_seed(seed)
+            op.sample_key = dataclasses.replace(op.params, seed=None)
             op.gen = Generation()
             self._start(s, op)
         elif op.kind == "fork":
@@ -490,8 +493,8 @@ class Scheduler:
         toks = torch.empty(len(ops), dtype=torch.long)
         lps = torch.empty(len(ops))
         groups: dict[SamplingParams, list[int]] = collections.defaultdict(list)
-        for i, op in enumerate(ops):
-            groups[op.params].append(i)
+        for i, op in enumerate(ops):  # one sample() per distinct params (seeds live in generators)
+            groups[op.sample_key].append(i)
         for params, idx in groups.items():
             t, lp = sample(logits[idx], params, [ops[i].generator for i in idx])
             toks[idx], lps[idx] = t.cpu(), lp.cpu()
