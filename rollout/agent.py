@@ -9,8 +9,9 @@ then per turn:
 2. the turn's text is parsed (``policy.chat.parse_assistant``); a turn without tool calls ends
    the episode ("stop");
 3. each tool call runs through ``dsec.tools.ToolBox`` on the episode's sandbox in a thread, so
-   many episodes overlap; malformed DSML, unknown tools and bad arguments come back to the model
-   as tool errors;
+   many episodes overlap; unknown (undeclared) tools and bad arguments come back to the model as
+   tool errors, and a turn with any DSML defect runs none of its calls and gets one
+   ``parse_error`` result listing the defects;
 4. the results are encoded with the V4 template (``<｜User｜><tool_result>…<｜Assistant｜><think>``)
    and appended to the session and to ``response_ids`` with ``loss_mask`` 0 and logprob 0.0.
 
@@ -406,11 +407,15 @@ class _Episode:
 def _tool_names(tools: list[Any], instance_id: Any) -> list[str]:
     names = []
     for tool in tools:
-        fn = tool.get("function", tool) if isinstance(tool, Mapping) else None
+        if not isinstance(tool, Mapping):
+            raise ValueError(
+                f"instance {instance_id!r}: a tool must be a schema dict, got {tool!r:.200}"
+            )
+        fn = tool.get("function", tool)
         name = fn.get("name") if isinstance(fn, Mapping) else None
         if name not in _STANDARD_TOOLS:
             raise ValueError(
-                f"instance {instance_id!r} declares tool {name or tool!r}, which is not one of "
+                f"instance {instance_id!r} declares tool {name!r}, which is not one of "
                 f"the sandbox tools {sorted(_STANDARD_TOOLS)}"
             )
         names.append(name)
