@@ -222,6 +222,12 @@ class AsyncEngine:
     def shutdown_sync(self) -> None:
         self._sched.shutdown()
 
+    def __del__(self) -> None:  # a forgotten engine does not keep its thread alive
+        sched = getattr(self, "_sched", None)
+        if sched is not None:
+            sched.stopping = True
+            sched.wake.set()
+
     # ------------------------------------------------------------------ blocking helpers
     def run(self, kind: str, session: Session | None = None, **kw):
         """Blocking form of an operation (for callers without an event loop)."""

@@ -217,8 +217,8 @@ class Scheduler:
                 except BaseException as exc:  # never die silently: fail what is in flight
                     self._fail_all(exc)
                     busy = False
-                if not busy:
-                    self.wake.wait(0.05)
+                if not busy:  # sleep until an operation arrives (submit sets wake)
+                    self.wake.wait(1.0)
                     self.wake.clear()
         self._fail_all(RuntimeError("the engine is shut down"))
         while not self.inbox.empty():
