@@ -21,6 +21,7 @@ an unknown section or key, a value of the wrong type, or a value out of range ra
                 dead worker), max_group_retries
     [reward]    functions (reward registry names; empty = the task's default reward),
                 weights (one per function; empty = all 1.0)
+    [tokenizer], [learner], [sft], [rl]: the training sections (see rollout.train_config)
 
 The resolved config (``config.to_dict()``) is stored in the run directory as ``config.json``;
 ``from_dict`` reads it back with the same checks.
@@ -37,6 +38,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from rollout.train_config import LearnerSection, RlSection, SftSection, TokenizerSection
+from rollout.train_config import check as _check_training
 
 __all__ = ["Config", "ConfigError", "from_dict", "load_config", "parse_overrides"]
 
@@ -135,6 +139,10 @@ class Config:
     sandbox: SandboxSection = field(default_factory=SandboxSection)
     workers: WorkersSection = field(default_factory=WorkersSection)
     reward: RewardSection = field(default_factory=RewardSection)
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    learner: LearnerSection = field(default_factory=LearnerSection)
+    sft: SftSection = field(default_factory=SftSection)
+    rl: RlSection = field(default_factory=RlSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -321,6 +329,7 @@ def _check_across(c: Config) -> None:
         )
     if len(set(c.reward.functions)) != len(c.reward.functions):
         raise ConfigError(f"reward.functions lists a function twice: {c.reward.functions}")
+    _check_training(c, ConfigError)
     _check_names(c)
 
 
