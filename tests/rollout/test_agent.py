@@ -86,11 +86,14 @@ def episode(backend, sb, inst=None, limits=LIMITS, **kw) -> Trajectory:
 def scripted(sb, script, inst=None, limits=LIMITS, **kw):
     backend = ScriptedBackend(script, TOK)
     traj = episode(backend, sb, inst, limits, **kw)
-    check_accounting(traj, [(t.context_ids, t.token_ids) for t in backend.transcript])
+    turns = [(t.context_ids, t.token_ids) for t in backend.transcript]
+    check_accounting(traj, turns, kw.get("thinking_mode", "thinking"))
     return traj, backend
 
 
-def check_accounting(traj: Trajectory, turns: list[tuple[list[int], list[int]]]) -> None:
+def check_accounting(
+    traj: Trajectory, turns: list[tuple[list[int], list[int]]], mode: str = "thinking"
+) -> None:
     """``turns``: (context, sampled tokens) of each generate call, in order."""
     full = traj.prompt_ids + traj.response_ids
     n, p = len(traj.response_ids), len(traj.prompt_ids)
@@ -118,7 +121,7 @@ def check_accounting(traj: Trajectory, turns: list[tuple[list[int], list[int]]])
         if not outputs:
             assert gap == []
         elif gap:
-            expected = TOK.encode_tool_results(outputs)
+            expected = TOK.encode_tool_results(outputs, mode)
             assert gap in (expected, [TOK.eos_id, *expected]), TOK.decode(gap)
         else:
             assert k == len(spans) - 1
@@ -176,6 +179,19 @@ def test_tool_call_then_answer(sandbox):
     rendered = chat.encode(messages, tools=instance().tools)
     assert TOK.decode(traj.prompt_ids + traj.response_ids) == rendered
     assert traj.prompt_ids == TOK.encode_chat(instance().messages, tools=instance().tools)
+
+
+def test_chat_mode_episode(sandbox):
+    def chat_turn(content="", calls=()):
+        message = {"content": content, "tool_calls": list(calls)}
+        return chat.render_assistant(message, "chat")
+
+    script = [chat_turn(calls=[call("bash", command="echo 7")]), chat_turn("7")]
+    traj, _ = scripted(sandbox, script, thinking_mode="chat")
+    assert traj.finish_reason == "stop" and traj.tool_calls[0].ok
+    messages = [{k: v for k, v in m.items() if k != "errors"} for m in traj.messages]
+    rendered = chat.encode(messages, "chat", tools=instance().tools)
+    assert TOK.decode(traj.prompt_ids + traj.response_ids) == rendered
 
 
 def test_several_calls_in_one_turn_run_in_order_and_state_persists(sandbox):
