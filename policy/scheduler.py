@@ -333,6 +333,9 @@ class Scheduler:
     def _computed(self, s: _Session) -> None:
         """Every token of s is in its cache: complete or advance its operation."""
         op = s.op
+        if op.future.cancelled():
+            self._abandon(s)
+            return
         if op.kind == "generate":
             self.ready.append(op)
             return
@@ -427,7 +430,7 @@ class Scheduler:
             if s.op is None or s.op.future.cancelled() or s.closed:
                 self.prefill.popleft()
                 if s.op is not None and s.op.future.cancelled():
-                    s.op = None
+                    self._abandon(s)
                 continue
             self._stale(s)
             target = len(s.tokens)
@@ -535,6 +538,15 @@ class Scheduler:
         g = op.gen
         g.version = g.versions[0] if g.versions else self.version
         _resolve(op.future, g)
+
+    def _abandon(self, s: _Session) -> None:
+        """The caller cancelled s's operation before it finished: a session whose open was
+        cancelled is dropped (nobody holds its handle); otherwise s stays as it is."""
+        if s.op.kind == "open":
+            s.closed = True
+            self._drop_cache(s)
+            self.sessions.pop(s.id, None)
+        s.op = None
 
     def _cancel(self, s: _Session) -> None:
         """Drop a cancelled operation of s (its sampled tokens stay in the session)."""

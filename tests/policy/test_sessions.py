@@ -341,6 +341,19 @@ def test_cancelled_generate_leaves_a_usable_session(model):
     _run(main())
 
 
+def test_cancelled_open_leaves_no_session(model):
+    async def main():
+        eng = _engine(model, max_context=4096, token_budget=16)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(eng.open(list(range(500)) * 6), 0.01)
+        s = await eng.open([1, 2])  # the engine goes on; the abandoned prompt is dropped
+        await eng.generate(s, GREEDY)
+        assert eng.stats()["sessions"] == 1
+        await eng.shutdown()
+
+    _run(main())
+
+
 def test_bad_input_is_named_and_other_sessions_unaffected(model):
     async def main():
         eng = _engine(model, max_context=64)
