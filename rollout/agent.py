@@ -132,7 +132,8 @@ async def run_episode(
 
     ``instance`` is any object with ``id``, ``task``, ``messages``, ``tools``, ``verifier`` and
     ``files`` (``rollout.tasks.base.Instance``); its files are written into /workspace first.
-    ``sampling`` gives temperature, top-p/k and seed (default ``SamplingParams()``); each turn
+    ``sampling`` gives temperature, top-p/k and seed (default ``SamplingParams()``; turn t samples
+    with seed + 1_000_003 * t, so turns do not replay one random stream); each turn
     samples at most ``limits.max_new_tokens`` tokens (``sampling.max_new_tokens`` is replaced)
     and stops at EOS besides any ``stop_token_ids`` given. The sandbox belongs to this episode
     and is left open (the caller closes or recycles it). Model errors and sandbox failures never
@@ -260,7 +261,9 @@ class _Episode:
         if room < 1:
             raise _Ended("context")
         max_new = min(self.limits.max_new_tokens, room)
-        params = dataclasses.replace(self.sampling, max_new_tokens=max_new)
+        seed = self.sampling.seed
+        seed = None if seed is None else seed + 1_000_003 * turn  # a fresh stream per turn
+        params = dataclasses.replace(self.sampling, max_new_tokens=max_new, seed=seed)
         gen = await self._infer(self.backend.generate(self.session, params))
         if len(gen.token_ids) != len(gen.logprobs) or len(gen.token_ids) > max_new:
             raise RuntimeError(
