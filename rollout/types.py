@@ -23,8 +23,8 @@ class ToolCall:
 
     ``ok`` is False for every failure the model caused or saw (malformed DSML, unknown tool, bad
     arguments, non-zero exit, timeout); ``error_kind`` names it (``dsec.tools.ToolResult`` kinds,
-    plus ``"parse_error"`` for DSML that could not be parsed). ``output`` is the text the model
-    was shown. ``turn`` is the assistant turn (0-based) that made the call.
+    plus ``"parse_error"`` for DSML that could not be parsed and ``"sandbox_error"`` for a call
+    cut off by a sandbox failure). ``output`` is the text the model was shown. ``turn`` is the assistant turn (0-based) that made the call.
     """
 
     name: str
