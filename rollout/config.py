@@ -9,7 +9,8 @@ an unknown section or key, a value of the wrong type, or a value out of range ra
     [run]       name, seed, out_dir (the run directory is out_dir/name unless --out is given),
                 groups_per_batch (task groups per stored batch file)
     [policy]    preset ("tiny" | "demo" | ...), checkpoint ("" = random weights seeded by
-                run.seed, the same on every worker), kv_dtype
+                run.seed, the same on every worker), tokenizer (a tokenizer.json; "" = the
+                byte-level tokenizer), kv_dtype
     [engine]    max_batch, max_context, kv_budget_bytes (0 = no budget)
     [task]      name, split, num_prompts, group_size (G episodes per prompt), [task.options]
     [sampling]  temperature, top_p, top_k, max_new_tokens (per turn), thinking_mode
@@ -66,6 +67,7 @@ class RunSection:
 class PolicySection:
     preset: str = _opt("demo", nonempty=True)
     checkpoint: str = ""
+    tokenizer: str = ""
     kv_dtype: str = _opt("fp8", choices=("fp8", "bfloat16", "float32"))
 
 
@@ -302,8 +304,10 @@ def _check_across(c: Config) -> None:
         model = V4Config.from_preset(c.policy.preset, kv_dtype=c.policy.kv_dtype)
     except ValueError as e:
         raise ConfigError(f"policy.preset: {e}") from None
-    if c.policy.checkpoint and not Path(c.policy.checkpoint).is_file():
-        raise ConfigError(f"policy.checkpoint: no file {c.policy.checkpoint!r}")
+    for key in ("checkpoint", "tokenizer"):
+        path = getattr(c.policy, key)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"policy.{key}: no file {path!r}")
     if c.engine.max_context > model.max_position_embeddings:
         raise ConfigError(
             f"engine.max_context must be <= {model.max_position_embeddings} (the "

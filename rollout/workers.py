@@ -85,12 +85,24 @@ class RolloutWorker:
     Used as a Ray actor (``ray.remote(RolloutWorker)``; every method is async, so calls
     interleave on the actor's event loop). Everything heavy is built on the first call, in the
     actor's process: the policy (the preset's model, seeded with ``run.seed`` so every worker
-    holds the same weights, or the checkpoint), the engine and the sandbox pool.
+    holds the same weights, or the checkpoint; on the GPU when ``workers.num_gpus > 0``), the
+    engine and the sandbox pool.
+
+    ``backend_factory(tokenizer) -> rollout.backends.Backend`` replaces the policy engine by
+    another backend (e.g. a ``ScriptedBackend`` to debug a task without a model); no model is
+    built then.
     """
 
-    def __init__(self, config: dict[str, Any], index: int = 0) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        index: int = 0,
+        backend_factory: Callable[[Any], Any] | None = None,
+    ) -> None:
         self.config = from_dict(config)
         self.index = index
+        self._backend_factory = backend_factory
+        self._engine: Any = None
         self._setup_lock: asyncio.Lock | None = None
         self._ready = False
 
@@ -110,7 +122,7 @@ class RolloutWorker:
             self._slots = asyncio.Semaphore(c.workers.concurrency)
             self._limits, self._sampling, self._reward = _episode_settings(c)
             self._pool = await loop.run_in_executor(None, self._make_pool)
-            self._engine, self._tokenizer = await loop.run_in_executor(None, self._make_policy)
+            self._backend = await loop.run_in_executor(None, self._make_backend)
             self._ready = True
 
     def _make_pool(self):
@@ -124,26 +136,40 @@ class RolloutWorker:
             timeout=s.timeout,
         )
 
-    def _make_policy(self):
+    def _make_backend(self):
+        from policy.config import V4Config
+        from policy.tokenizer import ByteTokenizer, OfficialTokenizer
+
+        c = self.config
+        cfg = V4Config.from_preset(c.policy.preset, kv_dtype=c.policy.kv_dtype)
+        tok = c.policy.tokenizer
+        self._tokenizer = OfficialTokenizer.from_file(tok) if tok else ByteTokenizer()
+        if self._tokenizer.vocab_size > cfg.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {self._tokenizer.vocab_size} ids but the "
+                f"{c.policy.preset!r} model only {cfg.vocab_size}"
+            )
+        if self._backend_factory is not None:
+            return self._backend_factory(self._tokenizer)
+
         import torch
 
         import policy
-        from policy.tokenizer import ByteTokenizer
+        from rollout.backends import EngineBackend
 
-        c = self.config
         torch.manual_seed(c.run.seed)
-        cfg = policy.V4Config.from_preset(c.policy.preset, kv_dtype=c.policy.kv_dtype)
         model = policy.V4Model(cfg)
         if c.policy.checkpoint:
             policy.load(model, c.policy.checkpoint)
-        model.eval()
-        engine = policy.AsyncEngine(
-            model,
+        if c.workers.num_gpus > 0:
+            model = model.to("cuda")  # Ray has set CUDA_VISIBLE_DEVICES for this actor
+        self._engine = policy.AsyncEngine(
+            model.eval(),
             max_batch=c.engine.max_batch,
             max_context=c.engine.max_context,
             kv_budget_bytes=c.engine.kv_budget_bytes or None,
         )
-        return engine, ByteTokenizer()
+        return EngineBackend(self._engine)
 
     async def ready(self) -> dict[str, Any]:
         """Builds the worker if needed; returns ``{"index", "pid"}``."""
@@ -152,6 +178,14 @@ class RolloutWorker:
 
     async def pid(self) -> int:
         return os.getpid()
+
+    async def load_weights(self, state_dict: dict[str, Any], version: int) -> None:
+        """New policy weights (e.g. from the learner, through the object store); generations
+        started afterwards report ``version``."""
+        await self._setup()
+        if self._engine is None:
+            raise RuntimeError("this worker runs a backend without a policy engine")
+        self._engine.load_weights(state_dict, version)
 
     async def run_group(self, group: Group) -> list[Trajectory]:
         """The group's ``size`` episodes, run concurrently and scored; in sample order."""
@@ -162,14 +196,13 @@ class RolloutWorker:
     async def _episode(self, group: Group, sample_index: int) -> Trajectory:
         """One episode on its own sandbox, scored while the sandbox is live, then released."""
         from rollout.agent import run_episode
-        from rollout.backends import EngineBackend
 
         loop = asyncio.get_running_loop()
         async with self._slots:
             sandbox = await loop.run_in_executor(None, self._pool.acquire)
             try:
                 traj = await run_episode(
-                    EngineBackend(self._engine),
+                    self._backend,
                     sandbox,
                     group.instance,
                     self._limits,
@@ -191,7 +224,8 @@ class RolloutWorker:
         """Closes the sandbox pool and the engine (the actor may then be killed)."""
         if self._ready:
             self._pool.close()
-            await self._engine.shutdown()
+            if self._engine is not None:
+                await self._engine.shutdown()
             self._ready = False
 
 
@@ -233,6 +267,7 @@ class RunSummary:
     trajectories: int  # stored by this run
     sampled_tokens: int  # sampled by this run
     elapsed_s: float
+    ready_s: float  # seconds until every worker was ready (model built, sandboxes warm)
     requeued_groups: int
     worker_failures: int  # worker deaths seen (failed calls or a failed readiness check)
     workers_replaced: int  # dead workers replaced by a new actor (no Ray restarts left)
@@ -253,8 +288,10 @@ class _Slot:
 class RolloutJob:
     """The driver of one run: ``RolloutJob(config, run_dir).run()`` (Ray must be initialised).
 
-    ``on_batch(job, batch_number)`` is called after each stored batch (progress hooks, tests);
-    ``job.slots[i].actor`` are the worker handles while the run is going.
+    ``progress``: "bar" (tqdm), "log" (a line per stored batch) or "none"; None picks "bar" on
+    a terminal, else "log". ``on_batch(job, batch_number)`` is called after each stored batch;
+    ``job.slots[i].actor`` are the worker handles while the run is going; ``backend_factory``
+    goes to every worker (see :class:`RolloutWorker`).
     """
 
     def __init__(
@@ -263,13 +300,19 @@ class RolloutJob:
         run_dir: str | os.PathLike[str],
         *,
         resume: bool = False,
-        progress: bool | None = None,
+        progress: str | None = None,
         on_batch: Callable[[RolloutJob, int], None] | None = None,
+        backend_factory: Callable[[Any], Any] | None = None,
     ) -> None:
         self.config = config
+        self.backend_factory = backend_factory
         self.run_dir = Path(run_dir)
         self.resume = resume
-        self.progress = sys.stderr.isatty() if progress is None else progress
+        if progress is None:
+            progress = "bar" if sys.stderr.isatty() else "log"
+        if progress not in ("bar", "log", "none"):
+            raise ValueError(f"progress must be 'bar', 'log', 'none' or None, got {progress!r}")
+        self.progress = progress
         self.on_batch = on_batch
         self.slots: list[_Slot] = []
         self.stats: Counter[str] = Counter()
@@ -312,7 +355,7 @@ class RolloutJob:
             max_task_retries=0,  # the driver re-queues: a group never runs twice at once
             max_concurrency=max(64, 4 * w.concurrency),
         )
-        return cls.remote(self.config.to_dict(), index)
+        return cls.remote(self.config.to_dict(), index, self.backend_factory)
 
     # -- the run ---------------------------------------------------------------------------------
 
@@ -325,13 +368,20 @@ class RolloutJob:
         skipped = len(groups) - len(self._pending)
         t_start = time.perf_counter()
         totals = Counter()
-        bar = _Progress(len(self._pending), enabled=self.progress, skipped=skipped)
+        bar = _Progress(len(self._pending), mode=self.progress, skipped=skipped)
+        ready = t_start
         try:
             if self._pending:
                 for i in range(self.config.workers.num_workers):
                     slot = _Slot(i, self._new_actor(i))
                     slot.check = slot.actor.ready.remote()
                     self.slots.append(slot)
+            # work starts once every worker is ready (model built, sandboxes warm), so the
+            # throughput of a run does not depend on which worker started first
+            while any(s.check is not None for s in self.slots):
+                for ref, slot, _ in self._wait():
+                    self._on_check(slot, ref)
+            ready = time.perf_counter()
             while self._pending or self._inflight():
                 self._submit()
                 for ref, slot, kind in self._wait():
@@ -360,6 +410,7 @@ class RolloutJob:
             trajectories=totals["trajectories"],
             sampled_tokens=totals["tokens"],
             elapsed_s=elapsed,
+            ready_s=ready - t_start,
             requeued_groups=self.stats["requeued_groups"],
             worker_failures=self.stats["worker_failures"],
             workers_replaced=self.stats["workers_replaced"],
@@ -516,16 +567,16 @@ def _summarize(trajectories: list[Trajectory]) -> dict[str, Any]:
 
 
 class _Progress:
-    """tqdm on a terminal; otherwise one plain log line per stored batch."""
+    """A tqdm bar ("bar"), one plain line per stored batch ("log"), or nothing ("none")."""
 
-    def __init__(self, total: int, *, enabled: bool, skipped: int) -> None:
-        self.total = total
+    def __init__(self, total: int, *, mode: str, skipped: int) -> None:
+        self.total, self.mode = total, mode
         self.bar = None
-        if enabled:
+        if mode == "bar":
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, unit="group", desc="rollout", dynamic_ncols=True)
-        elif skipped:
+        elif mode == "log" and skipped:
             print(f"resuming: {skipped} groups already stored, {total} to run", flush=True)
 
     def update(self, n: int) -> None:
@@ -533,12 +584,11 @@ class _Progress:
             self.bar.update(n)
 
     def log_batch(self, row: dict[str, Any]) -> None:
-        if self.bar is not None:
-            reward = row.get("reward/mean")
-            if reward is not None:
-                self.bar.set_postfix(reward=f"{reward:.3f}")
-            return
         reward = row.get("reward/mean")
+        if self.bar is not None and reward is not None:
+            self.bar.set_postfix(reward=f"{reward:.3f}")
+        if self.mode != "log":
+            return
         print(
             f"batch {row['batch']}: {row['groups']} groups ({row['groups_done']}/{self.total}), "
             f"{row['trajectories']} trajectories"

@@ -135,6 +135,7 @@ BAD_FILES = [
     ("[policy]\nkv_dtype = 'fp4'\n", r"policy\.kv_dtype must be one of \['fp8', 'bfloat16'"),
     ("[policy]\npreset = 'huge'\n", r"policy\.preset: unknown preset 'huge'"),
     ("[policy]\ncheckpoint = 'no/such/file.safetensors'\n", r"policy\.checkpoint: no file"),
+    ("[policy]\ntokenizer = 'no/tokenizer.json'\n", r"policy\.tokenizer: no file"),
     ("[run]\nname = 'a/b'\n", r"run\.name must be letters, digits"),
     ("[run]\nname = ''\n", r"run\.name must be letters, digits"),
     ("[run]\nout_dir = ''\n", r"run\.out_dir must not be empty"),

@@ -152,9 +152,9 @@ def test_ray_job_submit_eval_config(tmp_path):
             timeout=300,
         )
         started += _descendants(head.pid)
-        log = job.stdout + job.stderr
-        assert job.returncode == 0, log[-4000:]
-        assert "rollout summary" in log, log[-4000:]
+        log = f"stdout:\n{job.stdout[-3000:]}\nstderr:\n{job.stderr[-1500:]}"
+        assert job.returncode == 0, log
+        assert "rollout summary" in job.stdout, log
     finally:
         stragglers = stop_head(head, started)
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -49,7 +49,7 @@ def assert_each_group_once(run_dir: Path, config) -> list:
 def test_run_stores_every_group_once_and_resumes(ray_session, tmp_path):
     run_dir = tmp_path / "run"
     config = small_config("task.num_prompts=4")
-    summary = RolloutJob(config, run_dir, progress=False).run()
+    summary = RolloutJob(config, run_dir, progress="none").run()
 
     trajectories = assert_each_group_once(run_dir, config)
     assert summary.groups_stored == summary.groups_total == 4 and summary.groups_skipped == 0
@@ -70,14 +70,14 @@ def test_run_stores_every_group_once_and_resumes(ray_session, tmp_path):
 
     # the same directory again: refused without --resume, or with a config that changed
     with pytest.raises(JobError, match="already holds a run; pass --resume"):
-        RolloutJob(config, run_dir, progress=False).run()
+        RolloutJob(config, run_dir, progress="none").run()
     changed = small_config("task.num_prompts=5", "sampling.temperature=0.5")
     with pytest.raises(JobError, match=r"differs from the stored run in sampling\.temperature"):
-        RolloutJob(changed, run_dir, resume=True, progress=False).run()
+        RolloutJob(changed, run_dir, resume=True, progress="none").run()
 
     # resumed with more prompts (and fewer workers): only the missing group runs
     more = small_config("task.num_prompts=5", "workers.num_workers=1")
-    summary = RolloutJob(more, run_dir, resume=True, progress=False).run()
+    summary = RolloutJob(more, run_dir, resume=True, progress="none").run()
     assert (summary.groups_skipped, summary.groups_stored, summary.groups_total) == (4, 1, 5)
     assert_each_group_once(run_dir, more)
 
@@ -99,7 +99,7 @@ def test_worker_killed_mid_run_loses_nothing(ray_session, tmp_path, max_restarts
             assert slot.inflight, "the worker should have groups in flight"
             os.kill(killed["pid"], signal.SIGKILL)
 
-    job = RolloutJob(config, tmp_path / "run", progress=False, on_batch=kill_first_worker)
+    job = RolloutJob(config, tmp_path / "run", progress="none", on_batch=kill_first_worker)
     summary = job.run()
 
     assert_each_group_once(tmp_path / "run", config)
