@@ -26,6 +26,8 @@ from rollout.native_import import use_built_dsec
 use_built_dsec()  # before anything imports dsec (see rollout.native_import)
 
 import asyncio  # noqa: E402
+import dataclasses  # noqa: E402
+import hashlib  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -207,7 +209,10 @@ class RolloutWorker:
                     group.instance,
                     self._limits,
                     tokenizer=self._tokenizer,
-                    sampling=self._sampling,
+                    sampling=dataclasses.replace(
+                        self._sampling,
+                        seed=episode_seed(self.config.run.seed, group.group_id, sample_index),
+                    ),
                     trajectory_id=f"{group.group_id}#{sample_index}",
                     group_id=group.group_id,
                     sample_index=sample_index,
@@ -227,6 +232,13 @@ class RolloutWorker:
             if self._engine is not None:
                 await self._engine.shutdown()
             self._ready = False
+
+
+def episode_seed(run_seed: int, group_id: str, sample_index: int) -> int:
+    """The sampling seed of one episode: the same on every worker and after a resume, and
+    different for every sample of a group."""
+    digest = hashlib.sha256(f"{run_seed}/{group_id}/{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:5], "big")  # < 2**40: room for the agent's per-turn offsets
 
 
 def _episode_settings(c: Config):

@@ -34,6 +34,14 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 OVERRIDES = ["task.num_prompts=3", "task.group_size=2", "sampling.max_new_tokens=8"]
+AGENT_WAIT = 90.0  # bounds the wait for the head's job agent
+FIXED_PORTS = (
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+    "metrics-export-port",
+    "ray-client-server-port",
+)
 
 
 def free_port() -> int:
@@ -112,6 +120,9 @@ def test_ray_job_submit_eval_config(tmp_path):
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard}",
             f"--port={port}",
+            # every fixed default port free too, so that another Ray on this machine (the
+            # test session's own, a neighbour's) cannot take the head's job agent's place
+            *(f"--{name}={free_port()}" for name in FIXED_PORTS),
             f"--temp-dir={temp_dir}",
         ],
         env=env,
@@ -126,31 +137,21 @@ def test_ray_job_submit_eval_config(tmp_path):
         wait_for_dashboard(url, head)
         started = _descendants(head.pid)
         sets = [arg for item in OVERRIDES for arg in ("--set", item)]
-        job = subprocess.run(
-            [
-                str(BIN / "ray"),
-                "job",
-                "submit",
-                "--address",
-                url,
-                "--working-dir",
-                ".",
-                "--",
-                "python",
-                "-m",
-                "rollout",
-                "run",
-                "configs/eval.toml",
-                *sets,
-                "--out",
-                str(run_dir),
-            ],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        submit = [
+            *(str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", "."),
+            *("--", "python", "-m", "rollout", "run", "configs/eval.toml", *sets),
+            *("--out", str(run_dir)),
+        ]
+        # The head's job agent may register a little after the dashboard answers; a submission
+        # refused for that reason started nothing and is retried (bounded; decides nothing).
+        end = time.monotonic() + AGENT_WAIT
+        while True:
+            job = subprocess.run(
+                submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+            )
+            if "No available agent" not in job.stderr or time.monotonic() > end:
+                break
+            time.sleep(2.0)
         started += _descendants(head.pid)
         log = f"stdout:\n{job.stdout[-3000:]}\nstderr:\n{job.stderr[-1500:]}"
         assert job.returncode == 0, log

@@ -109,3 +109,11 @@ def test_worker_killed_mid_run_loses_nothing(ray_session, tmp_path, max_restarts
         assert summary.workers_replaced == 1
     else:
         assert summary.workers_replaced == 0
+
+
+def test_episode_seeds_are_stable_and_distinct():
+    from rollout.workers import episode_seed
+
+    seeds = {episode_seed(0, f"g{g}", i) for g in range(50) for i in range(8)}
+    assert len(seeds) == 400 and all(0 <= s < 2**40 for s in seeds)
+    assert episode_seed(0, "g1", 3) == episode_seed(0, "g1", 3) != episode_seed(1, "g1", 3)
