@@ -8,13 +8,15 @@ under ``ray job submit --working-dir . -- python -m rollout run CONFIG``), runs 
 on RolloutWorker actors, stores the trajectories in the run directory (``--out``, default
 ``run.out_dir/run.name``) and prints a summary table. ``--resume`` continues a run directory,
 skipping the groups it already holds. Exit status: 0 done, 1 the job failed, 2 bad usage or
-config.
+config, 130 interrupted (the stored groups stay; ``--resume`` continues).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +26,17 @@ from rollout.native_import import use_built_dsec
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _in_job_copy() -> bool:
+    """True inside a ``ray job submit`` driver whose job ships a working directory (the job
+    then runs in a temporary copy of it)."""
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    except json.JSONDecodeError:
+        return False
+    return bool((job.get("runtime_env") or {}).get("working_dir"))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,6 +73,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     run_dir = args.out or Path(config.run.out_dir) / config.run.name
+    if not run_dir.is_absolute() and _in_job_copy():
+        print(
+            f"warning: the run directory {run_dir} is relative, so it lands in this job's "
+            f"temporary copy of the working directory ({run_dir.resolve()}); pass --out with "
+            "an absolute path to keep the run",
+            file=sys.stderr,
+        )
+    run_dir = run_dir.resolve()
     if (run_dir / "config.json").exists() and not args.resume:
         print(
             f"error: {run_dir} already holds a run: pass --resume to continue it, or --out DIR",
@@ -76,6 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except workers.JobError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"interrupted: `--resume` continues the run in {run_dir}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         if started:
             workers.disconnect()
