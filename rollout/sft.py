@@ -1,0 +1,163 @@
+"""Warm-start demonstrations that a task generates itself, and the SFT stage that learns them.
+
+For ``arith_tool`` (shared/RL.md §8): a demonstration is the episode a correct agent would
+produce, rendered exactly as the agent loop renders a real one (``policy.chat`` through the
+run's tokenizer), so SFT teaches the same token format RL then samples:
+
+- a share ``sft.tool_fraction`` of the demonstrations calls the tool: an assistant turn with
+  one DSML ``python`` call (``print(a*b)``), the tool result (the text ``dsec.tools.ToolBox``
+  renders for that call, run for real in a sandbox) encoded with the template, and a final turn
+  with the number;
+- the others answer directly with the correct number. The policy cannot multiply 3-4 digit
+  numbers in its head, so after SFT it knows both formats, calls the tool now and then, and
+  usually guesses wrong when it does not: RL has room to raise the tool-use rate.
+
+``loss_mask`` is 1 on the assistant tokens only (the prompt is not in the response; the tool
+result is in it with mask 0), as in a sampled trajectory.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from rollout.learner import Sample
+
+__all__ = ["Demonstration", "demonstration_samples", "demonstrations", "render_text", "run_sft"]
+
+
+@dataclass(frozen=True)
+class Demonstration:
+    """One demonstration: the prompt (messages and tools) and the turns that follow it.
+
+    ``turns`` alternates assistant messages and tool outputs: ``("assistant", message)`` or
+    ``("tool", text)``.
+    """
+
+    instance: Any
+    turns: list[tuple[str, Any]]
+
+    @property
+    def uses_tool(self) -> bool:
+        return any(kind == "tool" for kind, _ in self.turns)
+
+
+def _call_message(expression: str) -> dict[str, Any]:
+    call = {"name": "python", "arguments": {"code": f"print({expression})"}}
+    return {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"type": "function", "function": call}],
+    }
+
+
+def demonstrations(
+    task_name: str,
+    n: int,
+    *,
+    seed: int,
+    tool_fraction: float,
+    run_tool: Callable[[str, dict[str, Any]], str],
+) -> list[Demonstration]:
+    """``n`` demonstrations of ``task_name`` on its train split (seeded); ``round(n *
+    tool_fraction)`` of them call the tool. ``run_tool(name, arguments)`` returns the text the
+    tool shows (a ``dsec.tools.ToolBox`` on a sandbox, see :func:`sandbox_tool`)."""
+    from rollout.tasks import get_task
+
+    if task_name != "arith_tool":
+        raise ValueError(f"demonstrations exist for 'arith_tool' only, not {task_name!r}")
+    if not 0.0 <= tool_fraction <= 1.0:
+        raise ValueError(f"tool_fraction must be in [0, 1], got {tool_fraction!r}")
+    instances = get_task(task_name).instances("train", n, seed=seed)
+    rng = random.Random(f"sft:{task_name}:{seed}")
+    with_tool = set(rng.sample(range(n), round(n * tool_fraction)))
+    out = []
+    for i, inst in enumerate(instances):
+        answer = {"role": "assistant", "content": inst.verifier["answer"]}
+        if i in with_tool:
+            call = _call_message(inst.verifier["expression"])
+            args = call["tool_calls"][0]["function"]["arguments"]
+            turns = [("assistant", call), ("tool", run_tool("python", args)), ("assistant", answer)]
+        else:
+            turns = [("assistant", answer)]
+        out.append(Demonstration(inst, turns))
+    return out
+
+
+def sandbox_tool(sandbox: Any) -> Callable[[str, dict[str, Any]], str]:
+    """``run_tool`` for :func:`demonstrations`: the call run by ``dsec.tools.ToolBox``."""
+    from dsec.tools import ToolBox
+
+    box = ToolBox(sandbox)
+
+    def run(name: str, arguments: dict[str, Any]) -> str:
+        result = box.execute(name, arguments)
+        if not result.ok:
+            raise RuntimeError(f"demonstration tool call {name}({arguments}) failed: {result.text}")
+        return result.text
+
+    return run
+
+
+def render_text(demo: Demonstration, thinking_mode: str) -> str:
+    """The demonstration as one string (prompt and all turns): text to train a tokenizer on."""
+    from policy import chat
+
+    text = chat.encode(demo.instance.messages, thinking_mode, tools=demo.instance.tools or None)
+    for kind, value in demo.turns:
+        if kind == "assistant":
+            text += chat.render_assistant(value, thinking_mode)
+        else:
+            text += chat.encode_tool_results([value], thinking_mode)
+    return text
+
+
+def demonstration_samples(
+    demos: list[Demonstration], tokenizer: Any, thinking_mode: str
+) -> list[Sample]:
+    """Token samples: the prompt as the agent loop encodes it, then the turns (assistant tokens
+    with loss_mask 1, tool results with 0)."""
+    from policy import chat
+
+    out = []
+    for demo in demos:
+        inst = demo.instance
+        prompt = tokenizer.encode_chat(inst.messages, thinking_mode, tools=inst.tools or None)
+        ids: list[int] = []
+        mask: list[int] = []
+        for kind, value in demo.turns:
+            if kind == "assistant":
+                piece = tokenizer.encode_segments(chat.assistant_segments(value, thinking_mode))
+            else:
+                piece = tokenizer.encode_tool_results([value], thinking_mode)
+            ids += piece
+            mask += [1 if kind == "assistant" else 0] * len(piece)
+        out.append(Sample(prompt, ids, mask, [0.0] * len(ids)))
+    return out
+
+
+def run_sft(
+    learner: Any,
+    samples: list[Sample],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> list[dict[str, float]]:
+    """``steps`` SFT steps on batches drawn from ``samples`` (seeded); returns the metrics.
+
+    ``learner`` is a :class:`rollout.learner.Learner` or anything with its ``sft_step``
+    (``rollout.workers``' learner group)."""
+    rng = random.Random(f"sft-batches:{seed}")
+    history = []
+    for step in range(steps):
+        batch = [samples[i] for i in rng.sample(range(len(samples)), min(batch_size, len(samples)))]
+        metrics = learner.sft_step(batch, lr=lr)
+        history.append(metrics)
+        if on_step is not None:
+            on_step(step, metrics)
+    return history
