@@ -12,7 +12,7 @@ import pytest
 
 from rollout.config import load_config
 from rollout.store import iter_trajectories, read_config, read_metrics
-from rollout.workers import JobError, RolloutJob, make_groups
+from rollout.workers import JobError, RolloutJob, RolloutPool, make_groups
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -89,12 +89,12 @@ def test_worker_killed_mid_run_loses_nothing(ray_session, tmp_path, max_restarts
     left) and every group is stored exactly once."""
     import ray
 
-    config = small_config("task.num_prompts=6", f"workers.max_restarts={max_restarts}")
+    config = small_config("task.num_prompts=4", f"workers.max_restarts={max_restarts}")
     killed: dict[str, object] = {}
 
     def kill_first_worker(job: RolloutJob, batch: int) -> None:
         if batch == 0:
-            slot = job.slots[0]
+            slot = job.pool.slots[0]
             killed["actor"], killed["pid"] = slot.actor, ray.get(slot.actor.pid.remote())
             assert slot.inflight, "the worker should have groups in flight"
             os.kill(killed["pid"], signal.SIGKILL)
@@ -103,12 +103,42 @@ def test_worker_killed_mid_run_loses_nothing(ray_session, tmp_path, max_restarts
     summary = job.run()
 
     assert_each_group_once(tmp_path / "run", config)
-    assert summary.groups_stored == 6
+    assert summary.groups_stored == 4
     assert summary.worker_failures >= 1 and summary.requeued_groups >= 1
     if max_restarts == 0:
         assert summary.workers_replaced == 1
     else:
         assert summary.workers_replaced == 0
+
+
+def test_pool_batches_and_new_weights_survive_a_restart(ray_session):
+    """Two batches in flight come back whole, in submission order; weights set on the pool
+    reach a worker that Ray restarted while idle (the pool never saw it die)."""
+    import ray
+    import torch
+
+    import policy
+    from rollout.train_config import model_config
+
+    config = small_config("task.num_prompts=6", "workers.num_workers=1", "workers.max_restarts=1")
+    groups = make_groups(config)
+    ids = [g.group_id for g in groups]
+    with RolloutPool(config) as pool:
+        first, second = pool.submit(groups[:2]), pool.submit(groups[2:4])
+        later = pool.collect(second)
+        earlier = pool.collect(first)
+        assert [t.group_id for t in earlier + later] == [i for i in ids[:4] for _ in range(2)]
+        assert [t.sample_index for t in later] == [0, 1, 0, 1]
+        assert {t.policy_version for t in earlier + later} == {0}
+
+        torch.manual_seed(123)
+        pool.set_weights(policy.V4Model(model_config(config)).state_dict(), 7)
+        pid = ray.get(pool.slots[0].actor.pid.remote())
+        os.kill(pid, signal.SIGKILL)
+        after = pool.collect(pool.submit(groups[4:]))
+        assert [t.group_id for t in after] == [i for i in ids[4:] for _ in range(2)]
+        assert {t.policy_version for t in after} == {7}
+        assert ray.get(pool.slots[0].actor.pid.remote()) != pid
 
 
 def test_episode_seeds_are_stable_and_distinct():
