@@ -6,7 +6,9 @@
 starts an embedded Ray instance (or joins the cluster at ``--address`` / ``RAY_ADDRESS``, as
 under ``ray job submit --working-dir . -- python -m rollout run CONFIG``), runs every task group
 on RolloutWorker actors, stores the trajectories in the run directory (``--out``, default
-``run.out_dir/run.name``) and prints a summary table. ``--resume`` continues a run directory,
+``run.out_dir/run.name``) and prints a summary table. A config with ``sft.steps`` or
+``rl.steps`` > 0 is a training run instead (``rollout.train``: SFT warm start, then GRPO steps
+on the same workers). ``--resume`` continues a run directory,
 skipping the groups it already holds. Exit status: 0 done, 1 the job failed, 2 bad usage or
 config, 130 interrupted (the stored groups stay; ``--resume`` continues).
 """
@@ -90,11 +92,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from rollout import workers
+    from rollout.train import TrainError
 
     started = workers.connect(config, args.address)
     try:
-        summary = workers.RolloutJob(config, run_dir, resume=args.resume).run()
-    except workers.JobError as exc:
+        if config.sft.steps or config.rl.steps:
+            print_train_summary(_train(config, run_dir, args.resume))
+        else:
+            print_summary(workers.RolloutJob(config, run_dir, resume=args.resume).run())
+    except (workers.JobError, TrainError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
@@ -103,8 +109,66 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if started:
             workers.disconnect()
-    print_summary(summary)
     return 0
+
+
+def _train(config: Any, run_dir: Path, resume: bool) -> dict[str, Any]:
+    """A training run (``sft.steps`` or ``rl.steps`` > 0): the learner in this process, the
+    rollouts on a RolloutPool (rollout.train)."""
+    from rollout import workers
+    from rollout.learner import Learner
+    from rollout.train import Trainer, TrainError
+
+    if config.learner.num_ranks > 1:
+        raise TrainError(
+            f"learner.num_ranks = {config.learner.num_ranks}: `python -m rollout run` trains "
+            "with one learner rank; set learner.num_ranks = 1"
+        )
+    learner = Learner(config)
+    try:
+        return Trainer(
+            config,
+            run_dir,
+            sampler_factory=lambda tokenizer_json: workers.RolloutPool(
+                config, tokenizer_json=tokenizer_json
+            ),
+            learner=learner,
+            resume=resume,
+            group_type=workers.Group,
+        ).run()
+    finally:
+        learner.close()
+
+
+def print_train_summary(summary: dict[str, Any]) -> None:
+    """The end-of-training table: held-out accuracy and tool use before and after."""
+    from rich.console import Console
+    from rich.table import Table
+
+    def pair(first: Any, last: Any) -> str | None:
+        return None if first is None else f"{first:.3f} -> {last:.3f}"
+
+    times = summary.get("mean_step_times", {})
+    rows = [
+        ("run directory", summary["run_dir"]),
+        ("RL steps", summary["steps"]),
+        ("time", f"{summary['elapsed_s']:.1f} s"),
+        ("held-out accuracy", pair(summary["eval_accuracy_first"], summary["eval_accuracy_last"])),
+        ("held-out tool use", pair(summary["eval_tool_use_first"], summary["eval_tool_use_last"])),
+        (
+            "step time (rollout wait / learn)",
+            " / ".join(
+                f"{times.get(k, 0.0):.1f} s" for k in ("time/rollout_wait_s", "time/learn_s")
+            ),
+        ),
+    ]
+    table = Table(title="training summary", show_header=False)
+    table.add_column("metric", style="bold")
+    table.add_column("value")
+    for name, value in rows:
+        if value is not None:
+            table.add_row(name, _fmt(value))
+    Console().print(table)
 
 
 def _fmt(value: Any) -> str:
