@@ -183,7 +183,7 @@ def print_summary(summary: Any) -> None:
     from rich.table import Table
 
     m = summary.metrics
-    seconds = max(summary.elapsed_s, 1e-9)
+    seconds = max(summary.elapsed_s - summary.ready_s, 1e-9)  # after the workers were ready
     rows = [
         ("run directory", summary.run_dir),
         (
@@ -192,7 +192,7 @@ def print_summary(summary: Any) -> None:
             f"{summary.groups_total} in all",
         ),
         ("trajectories (this run)", summary.trajectories),
-        ("time", f"{summary.elapsed_s:.1f} s"),
+        ("time", f"{summary.elapsed_s:.1f} s ({summary.ready_s:.1f} s to start the workers)"),
         ("trajectories / s", summary.trajectories / seconds),
         ("sampled tokens / s", summary.sampled_tokens / seconds),
         ("reward mean", m.get("reward/mean")),

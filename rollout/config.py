@@ -8,9 +8,10 @@ an unknown section or key, a value of the wrong type, or a value out of range ra
 
     [run]       name, seed, out_dir (the run directory is out_dir/name unless --out is given),
                 groups_per_batch (task groups per stored batch file)
-    [policy]    preset ("tiny" | "demo" | ...), checkpoint ("" = random weights seeded by
-                run.seed, the same on every worker), tokenizer (a tokenizer.json; "" = the
-                byte-level tokenizer), kv_dtype
+    [policy]    preset ("tiny" | "demo" | ...), checkpoint (a safetensors file or a learner
+                checkpoint directory; "" = random weights seeded by run.seed, the same on every
+                worker), tokenizer (a tokenizer.json, e.g. a training run's; "" = as [tokenizer]
+                says), kv_dtype
     [engine]    max_batch, max_context, kv_budget_bytes (0 = no budget)
     [task]      name, split, num_prompts, group_size (G episodes per prompt), [task.options]
     [sampling]  temperature, top_p, top_k, max_new_tokens (per turn), thinking_mode
@@ -304,10 +305,13 @@ def _check_across(c: Config) -> None:
         model = V4Config.from_preset(c.policy.preset, kv_dtype=c.policy.kv_dtype)
     except ValueError as e:
         raise ConfigError(f"policy.preset: {e}") from None
-    for key in ("checkpoint", "tokenizer"):
-        path = getattr(c.policy, key)
-        if path and not Path(path).is_file():
-            raise ConfigError(f"policy.{key}: no file {path!r}")
+    if c.policy.checkpoint and not checkpoint_file(c.policy.checkpoint).is_file():
+        raise ConfigError(
+            f"policy.checkpoint: no file {c.policy.checkpoint!r} (a safetensors file, or a "
+            "checkpoint directory holding model.safetensors)"
+        )
+    if c.policy.tokenizer and not Path(c.policy.tokenizer).is_file():
+        raise ConfigError(f"policy.tokenizer: no file {c.policy.tokenizer!r}")
     if c.engine.max_context > model.max_position_embeddings:
         raise ConfigError(
             f"engine.max_context must be <= {model.max_position_embeddings} (the "
@@ -335,6 +339,13 @@ def _check_across(c: Config) -> None:
         raise ConfigError(f"reward.functions lists a function twice: {c.reward.functions}")
     _check_training(c, ConfigError)
     _check_names(c)
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """The weights file of ``policy.checkpoint``: the path itself, or ``model.safetensors`` in a
+    checkpoint directory (as the learner writes them)."""
+    path = Path(path)
+    return path / "model.safetensors" if path.is_dir() else path
 
 
 def _check_names(c: Config) -> None:

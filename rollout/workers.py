@@ -47,7 +47,7 @@ from typing import Any  # noqa: E402
 import ray  # noqa: E402
 from ray.exceptions import ActorDiedError, RayActorError, RayTaskError  # noqa: E402
 
-from rollout.config import Config, ConfigError, from_dict  # noqa: E402
+from rollout.config import Config, ConfigError, checkpoint_file, from_dict  # noqa: E402
 from rollout.store import RunStore  # noqa: E402
 from rollout.types import Trajectory  # noqa: E402
 
@@ -183,7 +183,7 @@ class RolloutWorker:
         torch.manual_seed(c.run.seed)
         model = policy.V4Model(cfg)
         if c.policy.checkpoint:
-            policy.load(model, c.policy.checkpoint)
+            policy.load(model, checkpoint_file(c.policy.checkpoint))
         if c.workers.num_gpus > 0:
             model = model.to("cuda")  # Ray has set CUDA_VISIBLE_DEVICES for this actor
         self._engine = policy.AsyncEngine(

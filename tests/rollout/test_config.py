@@ -205,3 +205,13 @@ def test_missing_file():
 
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
+
+
+def test_checkpoint_is_a_file_or_a_learner_checkpoint_directory(tmp_path):
+    ckpt = tmp_path / "step-000003"
+    ckpt.mkdir()
+    with pytest.raises(ConfigError, match=r"policy\.checkpoint: no file .*step-000003"):
+        load_config(None, [f"policy.checkpoint={ckpt}"])
+    (ckpt / "model.safetensors").write_bytes(b"")
+    assert load_config(None, [f"policy.checkpoint={ckpt}"]).policy.checkpoint == str(ckpt)
+    assert load_config(None, [f"policy.checkpoint={ckpt / 'model.safetensors'}"])
