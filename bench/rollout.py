@@ -12,7 +12,8 @@ sandboxes, trajectories stored in a temporary run directory) over the same promp
 
 Two policies:
 
-- ``demo``: the demo preset through the policy engine (random weights seeded by run.seed;
+- ``demo``: the demo preset through the policy engine, in the demo's prompt format (BPE
+  tokenizer trained on the task's prompts, chat mode; random weights seeded by run.seed:
   throughput does not depend on them). Such a model rarely writes a well-formed tool call, so
   its episodes are mostly generation and the tool share is small.
 - ``scripted``: a ``ScriptedBackend`` that solves the task: it calls the python tool with the
@@ -55,7 +56,7 @@ from rollout.store import iter_trajectories  # noqa: E402
 
 
 def solve_arith(context: str, turn: int) -> str:
-    """The scripted policy: turn 0 calls python on the expression, turn 1 answers."""
+    """The scripted policy (chat mode): turn 0 calls python on the expression, turn 1 answers."""
     import re
 
     from policy import chat
@@ -63,11 +64,11 @@ def solve_arith(context: str, turn: int) -> str:
     if turn == 0:
         expr = re.search(r"Compute (\S+) with python", context).group(1)
         call = {"name": "python", "arguments": {"code": f"print({expr})"}}
-        message = {"reasoning_content": "use python", "content": "", "tool_calls": [call]}
+        message = {"content": "", "tool_calls": [call]}
     else:
         printed = re.findall(r"stdout:\n(-?\d+)", context) or ["no result"]
-        message = {"reasoning_content": "done", "content": printed[-1], "tool_calls": []}
-    return chat.render_assistant(message)
+        message = {"content": printed[-1], "tool_calls": []}
+    return chat.render_assistant(message, "chat")
 
 
 def scripted_backend(tokenizer):
@@ -79,9 +80,11 @@ def scripted_backend(tokenizer):
 def run_case(policy: str, concurrency: int, num_workers: int, args) -> dict:
     overrides = [
         "policy.preset=demo",
+        "tokenizer.kind=bpe",  # the demo's prompt format (configs/demo.toml)
+        "sampling.thinking_mode=chat",
         f"task.num_prompts={args.prompts if policy == 'demo' else args.scripted_prompts}",
         f"task.group_size={args.group_size}",
-        # the scripted turns are byte-tokenized DSML (about 200 tokens): never cut them off
+        # a scripted turn is a whole DSML tool call: never cut it off
         f"sampling.max_new_tokens={args.new_tokens if policy == 'demo' else 512}",
         "limits.max_turns=2",
         "limits.deadline=300",
@@ -170,6 +173,8 @@ def main() -> None:
                         f"{row['startup_s']:>7.1f} {row['pass_rate']:>5.2f}",
                         flush=True,
                     )
+                    if policy == "scripted" and row["pass_rate"] < 1.0:
+                        print("  warning: the scripted policy should solve every instance")
     finally:
         if started:
             workers.disconnect()
