@@ -1,7 +1,7 @@
 """Rollout throughput of ``arith_tool``: agent loops overlapped with tool execution vs sequential,
 1 vs 2 workers, and where an episode's time goes.
 
-Each case is a real run of the job (``rollout.workers.RolloutJob`` on an embedded Ray, real
+Each case is a real run of the job (``rollout.job.RolloutJob`` on an embedded Ray, real
 sandboxes, trajectories stored in a temporary run directory) over the same prompts:
 
 - sequential: ``workers.concurrency = 1``: one episode at a time per worker (generate, then
@@ -52,6 +52,7 @@ for _key, _value in {  # loopback-only local Ray, no notices (shared/PLATFORM.md
 
 from rollout import workers  # noqa: E402
 from rollout.config import load_config  # noqa: E402
+from rollout.job import RolloutJob  # noqa: E402
 from rollout.store import iter_trajectories  # noqa: E402
 
 
@@ -97,9 +98,7 @@ def run_case(policy: str, concurrency: int, num_workers: int, args) -> dict:
     config = load_config(None, overrides)
     factory = scripted_backend if policy == "scripted" else None
     with tempfile.TemporaryDirectory(prefix="bench-rollout-") as tmp:
-        job = workers.RolloutJob(
-            config, Path(tmp) / "run", progress="none", backend_factory=factory
-        )
+        job = RolloutJob(config, Path(tmp) / "run", progress="none", backend_factory=factory)
         summary = job.run()
         trajectories = list(iter_trajectories(Path(tmp) / "run"))
     busy = summary.elapsed_s - summary.ready_s

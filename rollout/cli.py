@@ -92,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from rollout import workers
+    from rollout.job import RolloutJob
     from rollout.train import TrainError
 
     started = workers.connect(config, args.address)
@@ -99,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if config.sft.steps or config.rl.steps:
             print_train_summary(_train(config, run_dir, args.resume))
         else:
-            print_summary(workers.RolloutJob(config, run_dir, resume=args.resume).run())
+            print_summary(RolloutJob(config, run_dir, resume=args.resume).run())
     except (workers.JobError, TrainError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -12,8 +12,8 @@ import pytest
 
 from rollout.cli import main
 from rollout.config import load_config
+from rollout.job import make_groups
 from rollout.store import iter_trajectories, read_metrics
-from rollout.workers import make_groups
 
 ROOT = Path(__file__).resolve().parents[2]
 EVAL = ROOT / "configs" / "eval.toml"

@@ -26,8 +26,8 @@ import psutil
 import pytest
 
 from rollout.config import load_config
+from rollout.job import make_groups
 from rollout.store import iter_trajectories, read_config
-from rollout.workers import make_groups
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from rollout.config import load_config
+from rollout.job import JobError, RolloutJob, make_groups
 from rollout.store import iter_trajectories, read_config, read_metrics
-from rollout.workers import JobError, RolloutJob, RolloutPool, make_groups
+from rollout.workers import RolloutPool
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
