@@ -38,9 +38,13 @@ setup: $(VENV)/.build ## create .venv, install pinned dependencies, build the Ru
 .PHONY: build
 build: $(VENV)/.build ## (re)build the Rust extension into .venv
 
+# Each `make demo` writes a new run directory (the notebook opens the newest under runs/);
+# `make demo DEMO_OUT=runs/x DEMO_ARGS=--resume` continues an interrupted one.
+DEMO_OUT ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+
 .PHONY: demo
-demo: setup ## set up and run the main job on its embedded default (sandbox demo until rollout lands)
-	$(PY) examples/sandbox_demo.py
+demo: setup ## set up and run the main job: SFT warm start then GRPO on arith_tool (embedded Ray)
+	$(PY) -m rollout run configs/demo.toml --out $(DEMO_OUT) $(DEMO_ARGS)
 
 .PHONY: lint
 lint: $(VENV)/.deps ## ruff, rustfmt --check, clippy -D warnings
@@ -65,6 +69,8 @@ bench: setup ## run the benchmarks (tables printed, JSON under bench/results/)
 	$(PY) bench/sandbox.py
 	$(PY) bench/kv_memory.py
 	$(PY) bench/engine.py
+	$(PY) bench/engine_sessions.py
+	$(PY) bench/rollout.py
 
 .PHONY: clean
 clean: ## remove build outputs (keeps .venv)
