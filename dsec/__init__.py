@@ -48,12 +48,20 @@ class Sandbox(_native.Sandbox):
 
     Keyword arguments (all optional; defaults in parentheses):
 
-    - ``memory_bytes`` (512 MiB): memory limit of the whole sandbox (its cgroup), tmpfs included.
+    - ``memory_bytes`` (512 MiB): memory limit of the whole sandbox (its cgroup), tmpfs, SysV
+      shared memory and (cgroup v1: a quarter of it) TCP socket buffers included.
     - ``max_pids`` (256): tasks in the sandbox (cgroup ``pids.max`` and ``RLIMIT_NPROC``).
-    - ``cpu_seconds`` (None = unlimited): CPU seconds per call (``RLIMIT_CPU``).
+    - ``cpu_seconds`` (None = unlimited): CPU seconds one call may use, all its processes
+      together; a call that uses them is killed and reports ``signal`` SIGXCPU (each process
+      also gets ``RLIMIT_CPU``).
+    - ``cpus`` (1.0): CPU bandwidth of the whole sandbox, in CPUs (cgroup cpu quota).
+    - ``uid_range`` ((1800000000, 65536)): host uids sandboxes map to; each live sandbox
+      holds one of its own (per-user kernel budgets are not shared), reused after close.
     - ``timeout`` (30.0): default wall-clock limit of a call, seconds.
     - ``max_output_bytes`` (1 MiB): bytes kept per stream; head and tail halves are kept.
-    - ``disk_bytes`` (256 MiB): size of ``/workspace`` and of ``/tmp`` (each), ``RLIMIT_FSIZE``.
+    - ``disk_bytes`` (256 MiB): size of ``/workspace`` and of ``/tmp`` (each), ``RLIMIT_FSIZE``;
+      capped so that files, ``/dev/shm`` and SysV shared memory together leave headroom in
+      ``memory_bytes`` (the effective sizes are in ``limits["tmpfs_bytes"]``).
     - ``max_open_files`` (1024): ``RLIMIT_NOFILE``.
     - ``network`` (False): share the host network; False gives a private loopback-only netns.
     - ``image`` (None): a directory used instead of ``/`` as the read-only image
@@ -94,7 +102,10 @@ def check() -> dict[str, Any]:
     Keys: ``user_ns pid_ns mount_ns net_ns ipc_ns uts_ns cgroup_ns seccomp`` (bool),
     ``landlock_abi`` (int), ``landlock_enforced`` (bool), ``cgroup`` ("v1" | "v2" | None),
     ``controllers`` (dict), ``posture`` (status lines of a sandboxed process), ``enforced``
-    (bool: the default policy is enforced) and ``problems`` (list of str naming what to change).
+    (bool: the default policy is enforced), ``problems`` (list of str naming what to change),
+    ``hardening`` (dict of bool: the host-dependent protections ``cpu_bandwidth``,
+    ``tcp_memory``, ``memory_release``, ``init_oom_protected``) and ``warnings`` (list of str:
+    what each missing one weakens).
     """
     return _native.check()
 

@@ -104,11 +104,14 @@ class Sandbox:
         cancels the call inside the sandbox and is re-raised; the sandbox stays usable."""
     def run_python(self, code: str | bytes, *, timeout: float | None = None) -> ExecResult:
         """Runs Python source in the sandbox's warm interpreter; each call is a fresh fork."""
-    def read_file(self, path: str | PathLike[str]) -> bytes:
-        """Reads a regular file beneath the sandbox root (relative paths: beneath /workspace)."""
+    def read_file(self, path: str | PathLike[str], *, max_bytes: int | None = None) -> bytes:
+        """Reads a regular file beneath the sandbox root (relative paths: beneath /workspace).
+        The file streams in 1 MiB chunks (the sandbox never holds it whole); PathError names
+        the size when it is larger than ``max_bytes`` (default and at most 1 GiB)."""
     def write_file(self, path: str | PathLike[str], data: bytes | bytearray | str) -> None:
-        """Creates or replaces a regular file beneath the sandbox root; PathError when the
-        path escapes the root, is read-only, or its directory does not exist."""
+        """Creates or replaces a regular file beneath the sandbox root, streamed in 1 MiB
+        chunks; PathError when the path escapes the root, is read-only, its directory does
+        not exist, or the data does not fit its mount (the error names the limit)."""
     def close(self) -> None:
         """Kills every process of the sandbox and removes its mounts and cgroup. Idempotent."""
     @property

@@ -247,6 +247,7 @@ _LABELS = {
     "landlock_abi": "landlock ABI",
     "landlock_enforced": "landlock enforced",
     "cgroup": "cgroup limits",
+    "hardening": "host-dependent hardening",
     "enforced": "default policy enforceable",
 }
 
@@ -266,6 +267,7 @@ def cmd_check() -> int:
 
     report = dict(dsec.check())
     problems = [str(p) for p in report.pop("problems", [])]
+    warnings = [str(w) for w in report.pop("warnings", [])]
     enforced = bool(report.get("enforced"))
     width = max(len(_LABELS.get(k, k)) for k in report) if report else 0
     print(f"{'feature':<{width}}  value")
@@ -275,6 +277,8 @@ def cmd_check() -> int:
             continue
         print(f"{_LABELS.get(key, key):<{width}}  {_fmt_value(value)}")
     print(f"{_LABELS['enforced']:<{width}}  {_fmt_value(enforced)}")
+    for warning in warnings:
+        print(f"note: {warning}", file=sys.stderr)
     for problem in problems:
         print(f"problem: {problem}", file=sys.stderr)
     for remedy in remedies(report, problems):

@@ -421,7 +421,7 @@ impl PySandbox {
     #[new]
     #[pyo3(signature = (*, memory_bytes=None, max_pids=None, cpu_seconds=None, timeout=None,
         max_output_bytes=None, disk_bytes=None, max_open_files=None, network=None, image=None,
-        env=None, require_landlock=None))]
+        env=None, require_landlock=None, cpus=None, uid_range=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -436,6 +436,8 @@ impl PySandbox {
         image: Option<&Bound<'_, PyAny>>,
         env: Option<&Bound<'_, PyAny>>,
         require_landlock: Option<&Bound<'_, PyAny>>,
+        cpus: Option<&Bound<'_, PyAny>>,
+        uid_range: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let mut p = Policy::default();
         let bool_arg = |name: &str, o: Option<&Bound<'_, PyAny>>, d: bool| -> PyResult<bool> {
@@ -458,6 +460,24 @@ impl PySandbox {
         }
         if let Some(v) = float_arg(py, "timeout", timeout)? {
             p.timeout = v;
+        }
+        if let Some(v) = float_arg(py, "cpus", cpus)? {
+            p.cpus = Some(v);
+        }
+        if let Some(o) = uid_range.filter(|o| !o.is_none()) {
+            let bad = || {
+                policy_err(
+                    py,
+                    format!("uid_range must be (first, count), got {}", repr(o)),
+                )
+            };
+            let (a, b): (Bound<'_, PyAny>, Bound<'_, PyAny>) = o.extract().map_err(|_| bad())?;
+            let first = int_arg(py, "uid_range[0]", Some(&a))?.ok_or_else(bad)?;
+            let count = int_arg(py, "uid_range[1]", Some(&b))?.ok_or_else(bad)?;
+            p.uid_range = (
+                u32::try_from(first).map_err(|_| bad())?,
+                u32::try_from(count).map_err(|_| bad())?,
+            );
         }
         if let Some(v) = int_arg(py, "max_output_bytes", max_output_bytes)? {
             p.max_output_bytes = v;
@@ -547,15 +567,19 @@ impl PySandbox {
         Ok(result(py, o))
     }
 
-    /// Reads a regular file beneath the sandbox root (relative paths: beneath /workspace).
+    /// Reads a regular file beneath the sandbox root (relative paths: beneath /workspace);
+    /// streamed in chunks, refused (PathError) when larger than `max_bytes`.
+    #[pyo3(signature = (path, *, max_bytes=None))]
     fn read_file<'py>(
         &self,
         py: Python<'py>,
         path: &Bound<'py, PyAny>,
+        max_bytes: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyBytes>> {
         let p = path_arg(path)?;
+        let max = int_arg(py, "max_bytes", max_bytes)?;
         let sb = self.inner.clone();
-        let data = blocking(py, move || sb.read_file(&p))?;
+        let data = blocking(py, move || sb.read_file(&p, max))?;
         Ok(PyBytes::new(py, &data))
     }
 
@@ -606,6 +630,18 @@ impl PySandbox {
         d.set_item("disk_bytes", p.disk_bytes)?;
         d.set_item("max_open_files", p.max_open_files)?;
         d.set_item("network", p.network)?;
+        d.set_item("cpus", p.cpus)?;
+        d.set_item("cpu_bandwidth_enforced", self.inner.cpu_limited())?;
+        let b = p.memory_budget();
+        let t = PyDict::new(py);
+        t.set_item("workspace", b.tmpfs_bytes)?;
+        t.set_item("tmp", b.tmpfs_bytes)?;
+        t.set_item("dev_shm", b.shm_bytes)?;
+        t.set_item("sysv_shm", b.shm_bytes)?;
+        d.set_item("tmpfs_bytes", t)?;
+        d.set_item("tcp_bytes", p.tcp_bytes())?;
+        d.set_item("uid_range", p.uid_range)?;
+        d.set_item("host_uid", p.host_id)?;
         Ok(d)
     }
 
@@ -653,8 +689,14 @@ fn check(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
         p.set_item(k, v)?;
     }
     d.set_item("posture", p)?;
+    let h = PyDict::new(py);
+    for (k, v) in &r.hardening {
+        h.set_item(*k, *v)?;
+    }
+    d.set_item("hardening", h)?;
     d.set_item("enforced", r.enforced)?;
     d.set_item("problems", r.problems.clone())?;
+    d.set_item("warnings", r.warnings.clone())?;
     Ok(d)
 }
 

@@ -11,8 +11,15 @@ use std::sync::OnceLock;
 /// Which cgroup interface a host offers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Layout {
-    /// v1: the caller's cgroup directories in the memory and pids hierarchies.
-    V1 { memory: PathBuf, pids: PathBuf },
+    /// v1: the caller's cgroup directories in the memory and pids hierarchies, and in the
+    /// cpu and cpuacct hierarchies where they are mounted (the same directory when they share
+    /// one).
+    V1 {
+        memory: PathBuf,
+        pids: PathBuf,
+        cpu: Option<PathBuf>,
+        cpuacct: Option<PathBuf>,
+    },
     /// v2: the caller's cgroup directory (controllers enabled in its subtree_control) and the
     /// leaf a sandbox's outer init moves back to before removing the sandbox's cgroup.
     V2 { base: PathBuf, leave: PathBuf },
@@ -77,7 +84,13 @@ pub fn detect_uncached() -> Detected {
     };
     if let (Some(memory), Some(pids)) = (v1("memory"), v1("pids")) {
         if memory.join("cgroup.procs").exists() && pids.join("cgroup.procs").exists() {
-            return Ok(Layout::V1 { memory, pids });
+            let usable = |p: Option<PathBuf>| p.filter(|p| p.join("cgroup.procs").exists());
+            return Ok(Layout::V1 {
+                memory,
+                pids,
+                cpu: usable(v1("cpu")),
+                cpuacct: usable(v1("cpuacct")),
+            });
         }
     }
     let Some(m2) = ms.iter().find(|m| m.fstype == "cgroup2") else {
@@ -99,6 +112,8 @@ pub fn detect_uncached() -> Detected {
         ctl.split_whitespace().any(|x| x == "memory") && ctl.split_whitespace().any(|x| x == "pids")
     };
     if enabled(&base) {
+        // cpu is optional: enabled when the parent offers it (best effort).
+        let _ = std::fs::write(base.join("cgroup.subtree_control"), "+cpu");
         return Ok(Layout::V2 { base, leave });
     }
     if std::fs::write(base.join("cgroup.subtree_control"), "+memory +pids").is_err() && !is_root {
@@ -111,6 +126,7 @@ pub fn detect_uncached() -> Detected {
         let _ = std::fs::write(base.join("cgroup.subtree_control"), "+memory +pids");
     }
     if enabled(&base) {
+        let _ = std::fs::write(base.join("cgroup.subtree_control"), "+cpu");
         return Ok(Layout::V2 { base, leave });
     }
     Err(format!(
@@ -135,6 +151,47 @@ pub struct SandboxCgroup {
     /// The OOM-event and peak-usage files, opened once (read around every call).
     oom_file: Option<std::fs::File>,
     peak_file: Option<std::fs::File>,
+    /// The CPU-usage file (v1 cpuacct.usage in ns, v2 cpu.stat), where there is one.
+    cpu_file: Option<std::fs::File>,
+    /// Whether the CPU bandwidth limit is in force.
+    pub cpu_limited: bool,
+}
+
+/// What a sandbox's cgroup enforces.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub memory_bytes: u64,
+    pub max_pids: u64,
+    /// CPU bandwidth in CPUs (`None`: unlimited).
+    pub cpus: Option<f64>,
+    /// TCP socket buffer memory (cgroup v1 kmem.tcp; v2 charges sockets to memory.max).
+    pub tcp_bytes: u64,
+}
+
+/// Period of the CPU bandwidth limit, microseconds.
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// Whether this host can bound CPU per sandbox and account it (the v1 cpu controller or v2
+/// cpu in the caller's subtree).
+pub fn cpu_controller() -> bool {
+    match detect() {
+        Ok(Layout::V1 { cpu, cpuacct, .. }) => cpu.is_some() && cpuacct.is_some(),
+        Ok(Layout::V2 { base, .. }) => std::fs::read_to_string(base.join("cgroup.subtree_control"))
+            .is_ok_and(|c| c.split_whitespace().any(|x| x == "cpu")),
+        Err(_) => false,
+    }
+}
+
+/// Reclaims what is still charged to an emptied sandbox cgroup (page cache, dentries and
+/// inodes it created on host filesystems) before it is removed; otherwise the kernel moves
+/// those charges to the parent, the caller's cgroup. Best effort; a no-op for other
+/// controllers' directories.
+pub fn release_memory(dir: &Path) {
+    if dir.join("memory.force_empty").exists() {
+        let _ = std::fs::write(dir.join("memory.force_empty"), "0");
+    } else if dir.join("memory.reclaim").exists() {
+        let _ = std::fs::write(dir.join("memory.reclaim"), "1T");
+    }
 }
 
 /// Reads a whole (small) control file from offset 0 of an open descriptor.
@@ -160,8 +217,8 @@ fn field(text: &str, key: &str) -> Option<u64> {
 }
 
 impl SandboxCgroup {
-    /// Creates the cgroup(s) with the memory and pids limits.
-    pub fn create(memory_bytes: u64, max_pids: u64) -> Result<Self> {
+    /// Creates the cgroup(s) with the memory, pids, TCP buffer and CPU bandwidth limits.
+    pub fn create(lim: &Limits) -> Result<Self> {
         static SEQ: AtomicU64 = AtomicU64::new(0);
         let layout = detect().clone().map_err(Error::Setup)?;
         let name = format!(
@@ -170,7 +227,20 @@ impl SandboxCgroup {
             SEQ.fetch_add(1, Ordering::Relaxed)
         );
         let parents: Vec<PathBuf> = match &layout {
-            Layout::V1 { memory, pids } => vec![memory.clone(), pids.clone()],
+            Layout::V1 {
+                memory,
+                pids,
+                cpu,
+                cpuacct,
+            } => {
+                let mut v = vec![memory.clone(), pids.clone()];
+                for p in [cpu, cpuacct].into_iter().flatten() {
+                    if !v.contains(p) {
+                        v.push(p.clone());
+                    }
+                }
+                v
+            }
             Layout::V2 { base, .. } => vec![base.clone()],
         };
         let mut cg = SandboxCgroup {
@@ -178,6 +248,8 @@ impl SandboxCgroup {
             dirs: Vec::new(),
             oom_file: None,
             peak_file: None,
+            cpu_file: None,
+            cpu_limited: false,
         };
         for p in parents {
             let d = p.join(&name);
@@ -189,20 +261,57 @@ impl SandboxCgroup {
             };
             cg.dirs.push((d, leave));
         }
-        let mem = memory_bytes.to_string();
-        let pids = max_pids.to_string();
+        let mem = lim.memory_bytes.to_string();
+        let pids = lim.max_pids.to_string();
+        let quota = lim
+            .cpus
+            .map(|c| ((c * CPU_PERIOD_US as f64).round() as u64).max(1000));
+        let dir_of = |p: &Option<PathBuf>| {
+            p.as_ref()
+                .map(|p| p.join(&name))
+                .filter(|d| cg.dirs.iter().any(|(x, _)| x == d))
+        };
+        let (cpu_dir, acct_dir) = match &cg.layout {
+            Layout::V1 { cpu, cpuacct, .. } => (dir_of(cpu), dir_of(cpuacct)),
+            Layout::V2 { .. } => (None, None),
+        };
         match &cg.layout {
             Layout::V1 { .. } => {
-                write(&cg.dirs[0].0, "memory.limit_in_bytes", &mem)?;
-                if cg.dirs[0].0.join("memory.memsw.limit_in_bytes").exists() {
-                    write(&cg.dirs[0].0, "memory.memsw.limit_in_bytes", &mem)?;
+                let m = &cg.dirs[0].0;
+                write(m, "memory.limit_in_bytes", &mem)?;
+                if m.join("memory.memsw.limit_in_bytes").exists() {
+                    write(m, "memory.memsw.limit_in_bytes", &mem)?;
+                }
+                // Socket buffers are kernel memory v1 charges only once a TCP limit is set.
+                if m.join("memory.kmem.tcp.limit_in_bytes").exists() {
+                    write(
+                        m,
+                        "memory.kmem.tcp.limit_in_bytes",
+                        &lim.tcp_bytes.to_string(),
+                    )?;
                 }
                 write(&cg.dirs[1].0, "pids.max", &pids)?;
+                if let (Some(d), Some(q)) = (&cpu_dir, quota) {
+                    write(d, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
+                    write(d, "cpu.cfs_quota_us", &q.to_string())?;
+                    cg.cpu_limited = true;
+                }
+                if let Some(d) = &acct_dir {
+                    cg.cpu_file = std::fs::File::open(d.join("cpuacct.usage")).ok();
+                }
             }
             Layout::V2 { .. } => {
-                write(&cg.dirs[0].0, "memory.max", &mem)?;
-                write(&cg.dirs[0].0, "memory.swap.max", "0").ok();
-                write(&cg.dirs[0].0, "pids.max", &pids)?;
+                let d = &cg.dirs[0].0;
+                write(d, "memory.max", &mem)?;
+                write(d, "memory.swap.max", "0").ok();
+                write(d, "pids.max", &pids)?;
+                if d.join("cpu.max").exists() {
+                    if let Some(q) = quota {
+                        write(d, "cpu.max", &format!("{q} {CPU_PERIOD_US}"))?;
+                        cg.cpu_limited = true;
+                    }
+                }
+                cg.cpu_file = std::fs::File::open(d.join("cpu.stat")).ok();
             }
         }
         let (oom, peak) = cg.files();
@@ -225,6 +334,16 @@ impl SandboxCgroup {
 
     fn memdir(&self) -> &Path {
         &self.dirs[0].0
+    }
+
+    /// CPU time used by every task of the sandbox so far, seconds (`None` without a CPU
+    /// accounting controller).
+    pub fn cpu_usage(&self) -> Option<f64> {
+        let text = pread_text(self.cpu_file.as_ref()?)?;
+        match self.layout {
+            Layout::V1 { .. } => text.trim().parse::<u64>().ok().map(|ns| ns as f64 * 1e-9),
+            Layout::V2 { .. } => field(&text, "usage_usec ").map(|us| us as f64 * 1e-6),
+        }
     }
 
     /// The OOM-kill counter of the sandbox.
@@ -258,9 +377,35 @@ impl SandboxCgroup {
         text.and_then(|t| t.trim().parse().ok()).unwrap_or(0)
     }
 
+    /// SIGKILLs every task in the sandbox's cgroup(s) (cgroup.kill where the kernel has it),
+    /// repeating while new tasks appear (a fork racing the kill), a bounded number of times.
+    pub fn kill(&self) {
+        for (d, _) in &self.dirs {
+            if std::fs::write(d.join("cgroup.kill"), "1").is_ok() {
+                continue;
+            }
+            for _ in 0..50 {
+                let procs = read(d, "cgroup.procs").unwrap_or_default();
+                let pids: Vec<i32> = procs
+                    .split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect();
+                if pids.is_empty() {
+                    break;
+                }
+                for p in pids {
+                    // SAFETY: kill(2) on a task of the sandbox's cgroup.
+                    unsafe { libc::kill(p, libc::SIGKILL) };
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        }
+    }
+
     /// Removes the directories (retrying while the kernel finishes tearing tasks down).
     pub fn remove(&self) {
         for (d, _) in &self.dirs {
+            release_memory(d);
             for _ in 0..100 {
                 match std::fs::remove_dir(d) {
                     Err(e) if e.kind() != std::io::ErrorKind::NotFound => {

@@ -20,6 +20,75 @@ pub struct Report {
     pub posture: Vec<(String, String)>,
     pub enforced: bool,
     pub problems: Vec<String>,
+    /// Protections that depend on the host, (name, in force): see [`hardening`].
+    pub hardening: Vec<(&'static str, bool)>,
+    /// What is weaker on this host than it could be (not a reason to refuse to run).
+    pub warnings: Vec<String>,
+}
+
+fn has_cap(bit: u32) -> bool {
+    read("/proc/self/status")
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << bit) != 0)
+}
+
+/// The host-dependent protections and a warning for each one missing:
+/// - `cpu_bandwidth`: a cgroup cpu controller (v1 cpu+cpuacct, v2 cpu delegated) for the
+///   `cpus` limit, the whole-call `cpu_seconds` budget and the whole call's `cpu_time`;
+/// - `tcp_memory`: socket buffers bounded per sandbox (v1 `memory.kmem.tcp.limit_in_bytes`;
+///   v2 charges them to `memory.max`);
+/// - `memory_release`: what a closed sandbox leaves charged (dentries, page cache) reclaimed
+///   before its cgroup is removed (v1 `memory.force_empty`, v2 `memory.reclaim`);
+/// - `init_oom_protected`: the init at oom_score_adj -1000 (needs CAP_SYS_RESOURCE); without
+///   it the init relies on the memory headroom and the workload's oom_score_adj 1000.
+pub fn hardening() -> (Vec<(&'static str, bool)>, Vec<String>) {
+    let mem_file = |f: &str| match crate::cgroup::detect() {
+        Ok(crate::cgroup::Layout::V1 { memory, .. }) => memory.join(f).exists(),
+        _ => false,
+    };
+    let v2 = matches!(
+        crate::cgroup::detect(),
+        Ok(crate::cgroup::Layout::V2 { .. })
+    );
+    let v2_file = |f: &str| match crate::cgroup::detect() {
+        Ok(crate::cgroup::Layout::V2 { base, .. }) => base.join(f).exists() || v2,
+        _ => false,
+    };
+    let items = [
+        (
+            "cpu_bandwidth",
+            crate::cgroup::cpu_controller(),
+            "no cgroup cpu controller for sandboxes: `cpus` is not enforced, `cpu_seconds` \
+             bounds each process only (RLIMIT_CPU) and cpu_time counts reaped processes only \
+             (mount the v1 cpu and cpuacct controllers or delegate v2 cpu)",
+        ),
+        (
+            "tcp_memory",
+            v2 || mem_file("memory.kmem.tcp.limit_in_bytes"),
+            "socket buffers are not bounded per sandbox (cgroup v1 without kmem.tcp)",
+        ),
+        (
+            "memory_release",
+            mem_file("memory.force_empty") || v2_file("memory.reclaim"),
+            "kernel memory a sandbox leaves behind stays charged to the caller's cgroup",
+        ),
+        (
+            "init_oom_protected",
+            has_cap(24),
+            "no CAP_SYS_RESOURCE: the sandbox init cannot be set to oom_score_adj -1000; it \
+             is protected by the memory headroom and the workload's oom_score_adj 1000 only",
+        ),
+    ];
+    let warnings = items
+        .iter()
+        .filter(|(_, ok, _)| !ok)
+        .map(|(_, _, w)| w.to_string())
+        .collect();
+    (items.iter().map(|(n, ok, _)| (*n, *ok)).collect(), warnings)
 }
 
 fn read(p: &str) -> Option<String> {
@@ -29,6 +98,7 @@ fn read(p: &str) -> Option<String> {
 /// Runs the probe (creates and closes one sandbox).
 pub fn probe(image: &InitImage) -> Report {
     let mut r = Report::default();
+    (r.hardening, r.warnings) = hardening();
     for (name, file) in [
         ("user_ns", "user"),
         ("pid_ns", "pid"),

@@ -135,24 +135,86 @@ fn launch(prog: &str, env: &[(String, String)], cfg: &[u8]) -> Result<(UnixStrea
     Err(Error::Setup("the init launcher does not answer".into()))
 }
 
+/// A host uid held by one live sandbox: an exclusive `flock` on a per-uid file, which the
+/// kernel drops when the holder closes it or exits, so uids are reused only after close,
+/// across every process on this machine that creates sandboxes.
+struct UidLease {
+    _file: std::fs::File,
+}
+
+fn lease_dir() -> std::path::PathBuf {
+    for d in ["/run/dsec-uids", "/dev/shm/dsec-uids"] {
+        let p = std::path::Path::new(d);
+        if std::fs::create_dir_all(p).is_ok() {
+            return p.to_path_buf();
+        }
+    }
+    std::env::temp_dir().join("dsec-uids")
+}
+
+/// Takes a free uid of `(first, count)`, starting at a point that differs per process.
+fn lease_uid((first, count): (u32, u32)) -> Result<(u32, UidLease)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let dir = lease_dir();
+    let _ = std::fs::create_dir_all(&dir);
+    let start = (std::process::id().wrapping_mul(2_654_435_761))
+        .wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed));
+    for i in 0..count {
+        let uid = first + start.wrapping_add(i) % count;
+        let path = dir.join(format!("{uid}"));
+        let Ok(f) = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+        else {
+            continue;
+        };
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok((uid, UidLease { _file: f }));
+        }
+    }
+    Err(Error::Setup(format!(
+        "no free host uid in uid_range ({first}, {count}) under {}: every uid is held by a \
+         live sandbox",
+        dir.display()
+    )))
+}
+
 /// Largest config frame written before the outer init runs (larger ones follow its start).
 const PREWRITE_MAX: usize = 32 << 10;
 
-/// Waits until the process behind `pidfd` has exited.
-fn wait_pidfd(pidfd: &OwnedFd) {
+/// Waits until the process behind `pidfd` has exited, at most `ms` milliseconds (-1: no
+/// limit); returns whether it exited.
+fn wait_pidfd(pidfd: &OwnedFd, ms: i32) -> bool {
     let mut p = libc::pollfd {
         fd: pidfd.as_raw_fd(),
         events: libc::POLLIN,
         revents: 0,
     };
-    // SAFETY: p is a valid pollfd; retried on EINTR.
-    while unsafe { libc::poll(&mut p, 1, -1) } < 0
-        && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
-    {}
+    let end = crate::sys::now() + f64::from(ms.max(0)) / 1e3;
+    loop {
+        let left = if ms < 0 {
+            -1
+        } else {
+            ((end - crate::sys::now()) * 1e3).max(0.0) as i32
+        };
+        // SAFETY: p is a valid pollfd.
+        let n = unsafe { libc::poll(&mut p, 1, left) };
+        if n > 0 {
+            return true;
+        }
+        if n == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return false;
+        }
+    }
 }
 
-/// SIGKILLs the process behind `pidfd` and waits for it.
-fn kill_pidfd(pidfd: &OwnedFd) {
+/// Sends SIGKILL to the process behind `pidfd`.
+fn signal_kill(pidfd: &OwnedFd) {
     // SAFETY: pidfd_send_signal with a pidfd we own.
     unsafe {
         libc::syscall(
@@ -163,8 +225,19 @@ fn kill_pidfd(pidfd: &OwnedFd) {
             0,
         )
     };
-    wait_pidfd(pidfd);
 }
+
+/// SIGKILLs the process behind `pidfd` and waits for it (bounded).
+fn kill_pidfd(pidfd: &OwnedFd) {
+    signal_kill(pidfd);
+    wait_pidfd(pidfd, 10_000);
+}
+
+/// How long close() lets the init exit on its own after end of stream, then after the kill.
+const CLOSE_GRACE_MS: i32 = 2_000;
+const CLOSE_KILL_MS: i32 = 5_000;
+
+pub use crate::init::files::MAX_READ;
 
 /// Largest stdin, file or code payload one call carries.
 pub const MAX_PAYLOAD: usize = 1 << 30;
@@ -209,13 +282,21 @@ pub struct ExecOutput {
     pub peak_memory: u64,
 }
 
+/// What the host measured around one call.
+#[derive(Default)]
+struct CallStats {
+    oom: u64,
+    peak: u64,
+    /// CPU seconds of the sandbox's cgroup during the call.
+    cpu: Option<f64>,
+    /// The call was killed for using up `cpu_seconds`.
+    cpu_exceeded: bool,
+}
+
 struct Inner {
     sock: Option<UnixStream>,
-    /// pidfd of the outer init: it exits after it reaped the inner init (which a pid
-    /// namespace's init does only once every process in the namespace is gone) and removed
-    /// the cgroups.
-    child: Option<OwnedFd>,
-    cg: Option<SandboxCgroup>,
+    /// Whether the outer init still has to be waited for.
+    child: bool,
 }
 
 /// A live sandbox. Calls on one sandbox serialise; different sandboxes run in parallel.
@@ -227,17 +308,42 @@ pub struct Sandbox {
     owner: u32,
     /// Set once closed; readable without the call mutex.
     closed: AtomicBool,
+    /// pidfd of the outer init: it exits after it reaped the inner init (which a pid
+    /// namespace's init does only once every process in the namespace is gone) and removed
+    /// the cgroups. Outside the call mutex so close() can kill a sandbox whose call runs.
+    outer: OwnedFd,
+    /// pidfd of the inner init (pid 1 of the sandbox): killing it ends the pid namespace.
+    init: Option<OwnedFd>,
+    /// The sandbox's cgroup(s): last resort of close() is to kill every task in them.
+    cg: SandboxCgroup,
+    /// The host uid this sandbox maps to, held until the sandbox is dropped.
+    _uid: Option<UidLease>,
 }
 
 impl Sandbox {
     /// Creates a sandbox: cgroup, init process, namespaces, root. Blocks until it is ready.
-    pub fn new(policy: Policy, image: &InitImage) -> Result<Self> {
+    pub fn new(mut policy: Policy, image: &InitImage) -> Result<Self> {
         policy.validate()?;
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        // An unprivileged caller can only map its own uid (and has its own budgets).
+        let (uid, lease) = if euid == 0 {
+            let (u, l) = lease_uid(policy.uid_range)?;
+            (u, Some(l))
+        } else {
+            (euid, None)
+        };
+        policy.host_id = uid;
         let (prog, env) = match image {
             InitImage::Bytes(b) => (memfd_path(b)?, Vec::new()),
             InitImage::Exe(p, env) => (p.clone(), env.clone()),
         };
-        let cg = SandboxCgroup::create(policy.memory_bytes, policy.max_pids)?;
+        let cg = SandboxCgroup::create(&crate::cgroup::Limits {
+            memory_bytes: policy.memory_bytes,
+            max_pids: policy.max_pids,
+            cpus: policy.cpus,
+            tcp_bytes: policy.tcp_bytes(),
+        })?;
         let fail = |cg: &SandboxCgroup, e: Error| {
             cg.remove();
             e
@@ -287,22 +393,34 @@ impl Sandbox {
                 ))
             }
         };
+        let init = crate::sys::pidfd_open(pid as libc::pid_t)
+            .ok()
+            // SAFETY: a fresh pidfd nothing else owns.
+            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
         Ok(Sandbox {
             inner: Mutex::new(Inner {
                 sock: Some(sock),
-                child: Some(child),
-                cg: Some(cg),
+                child: true,
             }),
             policy,
             pid,
             owner: std::process::id(),
             closed: AtomicBool::new(false),
+            outer: child,
+            init,
+            cg,
+            _uid: lease,
         })
     }
 
     /// The policy this sandbox enforces.
     pub fn policy(&self) -> &Policy {
         &self.policy
+    }
+
+    /// Whether the CPU bandwidth limit (`cpus`) is in force (needs a cgroup cpu controller).
+    pub fn cpu_limited(&self) -> bool {
+        self.cg.cpu_limited
     }
 
     /// Host pid of the in-sandbox init (pid 1 of the sandbox).
@@ -319,31 +437,51 @@ impl Sandbox {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Closes the sandbox: the init sees end of stream and exits, the kernel kills every
-    /// process in its pid namespace, the outer init removes the cgroup. Idempotent.
+    /// Closes the sandbox in bounded time: a running call is killed (it returns
+    /// `SandboxClosedError`), the init sees end of stream and exits, the kernel kills every
+    /// process in its pid namespace, the outer init removes the cgroup. An init that does not
+    /// exit within a grace period is SIGKILLed with every task of the sandbox's cgroup.
+    /// Idempotent.
     pub fn close(&self) {
-        let mut g = self.lock();
         self.closed.store(true, Ordering::Release);
         if std::process::id() != self.owner {
             // A forked copy: drop our descriptors only; the owner's sandbox lives on.
-            g.sock = None;
-            g.child = None;
-            g.cg = None;
+            self.lock().sock = None;
             return;
         }
-        Self::teardown(&mut g);
+        let mut g = match self.inner.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                // A call holds the mutex: kill the sandbox so that call returns now.
+                self.kill_all();
+                self.lock()
+            }
+        };
+        self.teardown(&mut g);
     }
 
-    fn teardown(g: &mut Inner) {
+    /// SIGKILLs pid 1 of the sandbox (the kernel then kills its whole pid namespace) and
+    /// every task left in its cgroup.
+    fn kill_all(&self) {
+        if let Some(fd) = &self.init {
+            signal_kill(fd);
+        }
+        self.cg.kill();
+    }
+
+    fn teardown(&self, g: &mut Inner) {
         if let Some(s) = g.sock.take() {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
-        if let Some(c) = g.child.take() {
-            wait_pidfd(&c);
+        if std::mem::take(&mut g.child) && !wait_pidfd(&self.outer, CLOSE_GRACE_MS) {
+            self.kill_all();
+            if !wait_pidfd(&self.outer, CLOSE_KILL_MS) {
+                signal_kill(&self.outer);
+                wait_pidfd(&self.outer, CLOSE_GRACE_MS);
+            }
         }
-        if let Some(cg) = g.cg.take() {
-            cg.remove();
-        }
+        self.cg.remove();
     }
 
     fn call(
@@ -352,7 +490,7 @@ impl Sandbox {
         timeout: f64,
         accounting: bool,
         interrupt: Interrupt<'_>,
-    ) -> Result<(Vec<u8>, u64, u64)> {
+    ) -> Result<(Vec<u8>, CallStats)> {
         let mut g = self.lock();
         if std::process::id() != self.owner {
             return Err(Error::Sandbox(
@@ -363,15 +501,22 @@ impl Sandbox {
             return Err(Error::Closed);
         };
         let _ = sock.set_read_timeout(Some(Duration::from_secs_f64(timeout + 30.0)));
-        let oom0 = match (&g.cg, accounting) {
-            (Some(cg), true) => {
-                cg.reset_peak();
-                cg.oom_kills()
-            }
-            _ => 0,
+        let cg = &self.cg;
+        let oom0 = if accounting {
+            cg.reset_peak();
+            cg.oom_kills()
+        } else {
+            0
+        };
+        let cpu0 = cg.cpu_usage().filter(|_| accounting);
+        let budget = self.policy.cpu_seconds.filter(|_| accounting);
+        let over_budget = || match (cpu0, budget, cg.cpu_usage()) {
+            (Some(c0), Some(b), Some(c)) => c - c0 >= b as f64,
+            _ => false,
         };
         let sock = g.sock.as_mut().ok_or(Error::Closed)?;
         let mut cancelled = false;
+        let mut cpu_exceeded = false;
         let r = wire::write_frame(sock, body).and_then(|_| {
             let limit = crate::sys::now() + timeout + 30.0;
             let mut p = libc::pollfd {
@@ -387,9 +532,15 @@ impl Sandbox {
                 if (n != 0 && !eintr) || crate::sys::now() >= limit {
                     break;
                 }
-                if !cancelled && interrupt() {
+                if !cancelled && !cpu_exceeded && interrupt() {
                     wire::write_frame(sock, &[wire::tag::CANCEL])?;
                     cancelled = true;
+                }
+                // The whole call's CPU budget: the call's tree is killed like a cancel, and
+                // the result says SIGXCPU.
+                if !cancelled && !cpu_exceeded && over_budget() {
+                    wire::write_frame(sock, &[wire::tag::CANCEL])?;
+                    cpu_exceeded = true;
                 }
             }
             wire::read_frame(sock)
@@ -397,14 +548,24 @@ impl Sandbox {
         match r {
             Ok(Some(_)) if cancelled => Err(Error::Interrupted),
             Ok(Some(b)) => {
-                let (oom, peak) = match (&g.cg, accounting) {
-                    (Some(cg), true) => (cg.oom_kills().saturating_sub(oom0), cg.peak()),
-                    _ => (0, 0),
+                let stats = if accounting {
+                    CallStats {
+                        oom: cg.oom_kills().saturating_sub(oom0),
+                        peak: cg.peak(),
+                        cpu: cpu0.and_then(|c0| Some(cg.cpu_usage()? - c0)),
+                        cpu_exceeded,
+                    }
+                } else {
+                    CallStats::default()
                 };
-                Ok((b, oom, peak))
+                Ok((b, stats))
+            }
+            _ if self.is_closed() => {
+                self.teardown(&mut g);
+                Err(Error::Closed)
             }
             other => {
-                Self::teardown(&mut g);
+                self.teardown(&mut g);
                 self.closed.store(true, Ordering::Release);
                 let why = match other {
                     Err(e) => e.to_string(),
@@ -492,7 +653,7 @@ impl Sandbox {
     }
 
     fn result(&self, body: &[u8], timeout: f64, interrupt: Interrupt<'_>) -> Result<ExecOutput> {
-        let (resp, oom, peak) = self.call(body, timeout, true, interrupt)?;
+        let (resp, stats) = self.call(body, timeout, true, interrupt)?;
         let mut d = Dec::new(&resp);
         let bad = |e: std::io::Error| Error::Sandbox(format!("bad result frame: {e}"));
         match d.u8().map_err(bad)? {
@@ -513,11 +674,18 @@ impl Sandbox {
             wall_time: f64::from_bits(d.u64().map_err(bad)?),
             cpu_time: f64::from_bits(d.u64().map_err(bad)?),
             timed_out,
-            oom_killed: oom > 0,
-            peak_memory: peak,
+            oom_killed: stats.oom > 0,
+            peak_memory: stats.peak,
             ..Default::default()
         };
-        if !has {
+        if let Some(c) = stats.cpu {
+            // Every process of the call, reaped or killed (the init's own share is tiny).
+            o.cpu_time = c;
+        }
+        if stats.cpu_exceeded {
+            o.exit_code = None;
+            o.signal = Some(libc::SIGXCPU);
+        } else if !has {
             o.signal = Some(libc::SIGKILL);
         } else if libc::WIFEXITED(status) {
             o.exit_code = Some(libc::WEXITSTATUS(status));
@@ -527,35 +695,102 @@ impl Sandbox {
         Ok(o)
     }
 
-    /// Reads a regular file beneath the sandbox root (relative paths: beneath /workspace).
-    pub fn read_file(&self, path: &[u8]) -> Result<Vec<u8>> {
-        check_path(path)?;
-        let mut e = Enc::new(tag::READ);
-        e.bytes(path);
-        let (resp, _, _) = self.call(&e.0, 60.0, false, &|| false)?;
-        let mut d = Dec::new(&resp);
-        match d.u8() {
-            Ok(tag::DATA) => d
-                .bytes()
-                .map_err(|e| Error::Sandbox(format!("bad data frame: {e}"))),
-            Ok(tag::ERROR) => Err(wire::decode_error(&mut d)),
-            _ => Err(Error::Sandbox("unexpected frame".into())),
+    /// Runs one file-API exchange on the control socket (under the call mutex). An I/O
+    /// failure means the init is gone: the sandbox is torn down and closed.
+    fn exchange<T>(&self, f: impl FnOnce(&mut UnixStream) -> std::io::Result<T>) -> Result<T> {
+        let mut g = self.lock();
+        if std::process::id() != self.owner {
+            return Err(Error::Sandbox(
+                "this sandbox belongs to the process that created it (used after fork)".into(),
+            ));
+        }
+        let Some(sock) = g.sock.as_mut() else {
+            return Err(Error::Closed);
+        };
+        let _ = sock.set_read_timeout(Some(Duration::from_secs(60)));
+        match f(sock) {
+            Ok(v) => Ok(v),
+            Err(_) if self.is_closed() => {
+                self.teardown(&mut g);
+                Err(Error::Closed)
+            }
+            Err(e) => {
+                self.teardown(&mut g);
+                self.closed.store(true, Ordering::Release);
+                Err(Error::Sandbox(format!(
+                    "the sandbox init died ({e}); the sandbox is closed"
+                )))
+            }
         }
     }
 
-    /// Creates or replaces a regular file beneath the sandbox root.
+    /// Reads a regular file beneath the sandbox root (relative paths: beneath /workspace).
+    /// The file streams in chunks; one larger than `max_bytes` (default and at most
+    /// [`MAX_READ`]) is refused with a `Path` error naming both sizes.
+    pub fn read_file(&self, path: &[u8], max_bytes: Option<u64>) -> Result<Vec<u8>> {
+        check_path(path)?;
+        let max = max_bytes.unwrap_or(MAX_READ);
+        if max > MAX_READ {
+            return Err(Error::Policy(format!(
+                "max_bytes must be at most {MAX_READ}, got {max}"
+            )));
+        }
+        let mut e = Enc::new(tag::READ);
+        e.bytes(path).u64(max);
+        let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+        self.exchange(|sock| {
+            wire::write_frame(sock, &e.0)?;
+            let mut out = Vec::new();
+            loop {
+                let body = wire::read_frame(sock)?.ok_or_else(|| bad("end of stream".into()))?;
+                let mut d = Dec::new(&body);
+                match d.u8()? {
+                    tag::DATA => {
+                        let more = d.u8()? != 0;
+                        out.extend_from_slice(&d.bytes()?);
+                        if out.len() as u64 > max {
+                            return Err(bad("the init sent more than max_bytes".into()));
+                        }
+                        if !more {
+                            return Ok(Ok(out));
+                        }
+                    }
+                    tag::ERROR => return Ok(Err(wire::decode_error(&mut d))),
+                    t => return Err(bad(format!("unexpected frame {t}"))),
+                }
+            }
+        })?
+    }
+
+    /// Creates or replaces a regular file beneath the sandbox root. The data streams in
+    /// chunks; what does not fit the mount is a `Path` error naming the limit.
     pub fn write_file(&self, path: &[u8], data: &[u8]) -> Result<()> {
         check_path(path)?;
         check_payload("data", data.len())?;
         let mut e = Enc::new(tag::WRITE);
-        e.bytes(path).bytes(data);
-        let (resp, _, _) = self.call(&e.0, 60.0, false, &|| false)?;
-        let mut d = Dec::new(&resp);
-        match d.u8() {
-            Ok(tag::OK) => Ok(()),
-            Ok(tag::ERROR) => Err(wire::decode_error(&mut d)),
-            _ => Err(Error::Sandbox("unexpected frame".into())),
-        }
+        e.bytes(path).u64(data.len() as u64);
+        let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+        let answer = |sock: &mut UnixStream| -> std::io::Result<Result<()>> {
+            let body = wire::read_frame(sock)?.ok_or_else(|| bad("end of stream".into()))?;
+            let mut d = Dec::new(&body);
+            match d.u8()? {
+                tag::OK => Ok(Ok(())),
+                tag::ERROR => Ok(Err(wire::decode_error(&mut d))),
+                t => Err(bad(format!("unexpected frame {t}"))),
+            }
+        };
+        self.exchange(|sock| {
+            wire::write_frame(sock, &e.0)?;
+            if let Err(e) = answer(sock)? {
+                return Ok(Err(e));
+            }
+            for chunk in data.chunks(crate::init::files::CHUNK) {
+                let mut f = Enc::new(tag::DATA);
+                f.bytes(chunk);
+                wire::write_frame(sock, &f.0)?;
+            }
+            answer(sock)
+        })?
     }
 
     /// Raw fd of the control socket (posture tests: it must not leak into the sandbox).

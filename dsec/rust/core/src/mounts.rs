@@ -64,8 +64,10 @@ pub struct PlanInput<'a> {
     pub image_entries: Vec<(&'static str, Entry)>,
     /// Probe result per [`ETC_BINDS`] entry.
     pub etc_entries: Vec<(&'static str, Entry)>,
-    /// Size of /workspace, /tmp and /dev/shm.
+    /// Size of /workspace and /tmp each.
     pub disk_bytes: u64,
+    /// Size of /dev/shm.
+    pub shm_bytes: u64,
 }
 
 const PASSWD: &str = "root:x:0:0:root:/workspace:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n";
@@ -171,7 +173,7 @@ pub fn plan(inp: &PlanInput<'_>) -> Vec<Step> {
     }
     s.push(Step::Tmpfs {
         target: "/dev/shm".into(),
-        size: d,
+        size: inp.shm_bytes,
         mode: 0o1777,
         noexec: true,
     });
@@ -387,6 +389,7 @@ mod tests {
             ],
             etc_entries: vec![("ld.so.cache", Entry::File), ("alternatives", Entry::Dir)],
             disk_bytes: 1 << 20,
+            shm_bytes: 1 << 20,
         }
     }
 

@@ -13,8 +13,13 @@ pub struct Policy {
     pub memory_bytes: u64,
     /// Maximum number of tasks in the sandbox (cgroup pids.max and RLIMIT_NPROC).
     pub max_pids: u64,
-    /// CPU seconds per exec call (RLIMIT_CPU); `None` = unlimited.
+    /// CPU seconds one call may use, all its processes together (the host kills the call
+    /// when the sandbox's cgroup has used them; RLIMIT_CPU bounds each process too);
+    /// `None` = unlimited.
     pub cpu_seconds: Option<u64>,
+    /// CPU bandwidth of the whole sandbox in CPUs (cgroup cpu.max / cfs quota); `None` =
+    /// unlimited.
+    pub cpus: Option<f64>,
     /// Default wall-clock timeout of an exec / run_python call, seconds.
     pub timeout: f64,
     /// Bytes kept per stream (stdout, stderr): head and tail halves.
@@ -31,9 +36,17 @@ pub struct Policy {
     pub env: Vec<(Vec<u8>, Vec<u8>)>,
     /// Refuse to start when landlock is not enforced by the kernel.
     pub require_landlock: bool,
-    /// Host uid/gid the sandbox's uid/gid 0 maps to (never 0).
+    /// Host uid/gid the sandbox's uid/gid 0 maps to (never 0). Chosen by the host when the
+    /// sandbox starts: a uid of `uid_range` no other live sandbox on this machine holds.
     pub host_id: u32,
+    /// Host uids sandboxes may map to, `(first, count)`, like a subordinate uid range. Each
+    /// live sandbox holds one of its own, so per-user kernel budgets (pipe buffers, file
+    /// descriptors in flight, inotify, queued signals) are not shared between sandboxes.
+    pub uid_range: (u32, u32),
 }
+
+/// Default [`Policy::uid_range`].
+pub const UID_RANGE: (u32, u32) = (1_800_000_000, 1 << 16);
 
 impl Default for Policy {
     fn default() -> Self {
@@ -41,6 +54,7 @@ impl Default for Policy {
             memory_bytes: 512 * MIB,
             max_pids: 256,
             cpu_seconds: None,
+            cpus: Some(1.0),
             timeout: 30.0,
             max_output_bytes: MIB,
             disk_bytes: 256 * MIB,
@@ -50,6 +64,7 @@ impl Default for Policy {
             env: Vec::new(),
             require_landlock: true,
             host_id: 65534,
+            uid_range: UID_RANGE,
         }
     }
 }
@@ -89,7 +104,42 @@ pub fn check_env(arg: &str, k: &[u8], v: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Memory a sandbox's tmpfs mounts may pin, derived from the policy (see
+/// [`Policy::memory_budget`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryBudget {
+    /// Size of /workspace and of /tmp, each.
+    pub tmpfs_bytes: u64,
+    /// Size of /dev/shm, and the SysV shared memory of the sandbox's ipc namespace.
+    pub shm_bytes: u64,
+    /// Memory kept free for the init and the calls' working memory.
+    pub headroom: u64,
+}
+
 impl Policy {
+    /// Files and shared memory outlive the call that made them and cannot be reclaimed by the
+    /// OOM killer, so together they must fit inside `memory_bytes` with room left for the
+    /// init: headroom is an eighth of `memory_bytes` (at least 8 MiB) plus four times
+    /// `max_output_bytes` (the init's capture of both streams and the result frame); of the rest /workspace and /tmp get 3/8 each and
+    /// /dev/shm and SysV shared memory 1/8 each, none more than `disk_bytes`.
+    pub fn memory_budget(&self) -> MemoryBudget {
+        let m = self.memory_bytes;
+        let headroom = (m / 8).max(8 * MIB) + 4 * self.max_output_bytes;
+        let rest = m.saturating_sub(headroom);
+        let clamp = |v: u64| (v.min(self.disk_bytes) & !4095).max(MIB);
+        MemoryBudget {
+            tmpfs_bytes: clamp(rest / 8 * 3),
+            shm_bytes: clamp(rest / 8),
+            headroom,
+        }
+    }
+
+    /// TCP socket buffers the sandbox may hold (cgroup v1 kmem.tcp limit): a quarter of
+    /// `memory_bytes`, at least 4 MiB. On cgroup v2 they count against `memory_bytes`.
+    pub fn tcp_bytes(&self) -> u64 {
+        (self.memory_bytes / 4).max(4 * MIB)
+    }
+
     /// Validates every field; the error names the field and the bad value.
     pub fn validate(&self) -> Result<()> {
         range("memory_bytes", self.memory_bytes, 16 * MIB, 1 << 40)?;
@@ -97,10 +147,24 @@ impl Policy {
         if let Some(c) = self.cpu_seconds {
             range("cpu_seconds", c, 1, 1 << 32)?;
         }
+        if let Some(c) = self.cpus {
+            if !c.is_finite() || !(0.01..=1024.0).contains(&c) {
+                return Err(Error::Policy(format!(
+                    "cpus must be a number of CPUs in [0.01, 1024], got {c}"
+                )));
+            }
+        }
         check_timeout("timeout", self.timeout)?;
         range("max_output_bytes", self.max_output_bytes, 1, 256 * MIB)?;
         range("disk_bytes", self.disk_bytes, MIB, 1 << 40)?;
         range("max_open_files", self.max_open_files, 16, 1 << 20)?;
+        let (first, count) = self.uid_range;
+        if first == 0 || count == 0 || u64::from(first) + u64::from(count) > u64::from(u32::MAX) {
+            return Err(Error::Policy(format!(
+                "uid_range must be (first, count) with first > 0, count > 0 and first + count \
+                 below 2**32 - 1, got ({first}, {count})"
+            )));
+        }
         if self.host_id == 0 {
             return Err(Error::Policy("host_id must not be 0 (host root)".into()));
         }
@@ -161,6 +225,8 @@ impl Policy {
             e.bytes(k).bytes(v);
         }
         e.u8(self.require_landlock as u8).u32(self.host_id);
+        e.u64(self.cpus.map_or(0, f64::to_bits));
+        e.u32(self.uid_range.0).u32(self.uid_range.1);
     }
 
     /// Decodes what [`Policy::encode`] wrote.
@@ -192,6 +258,8 @@ impl Policy {
             env,
             require_landlock: d.u8()? != 0,
             host_id: d.u32()?,
+            cpus: Some(f64::from_bits(d.u64()?)).filter(|c| *c > 0.0),
+            uid_range: (d.u32()?, d.u32()?),
         })
     }
 }

@@ -166,6 +166,15 @@ macro_rules! paste_nr {
     (pidfd_getfd) => {
         libc::SYS_pidfd_getfd
     };
+    (inotify_add_watch) => {
+        libc::SYS_inotify_add_watch
+    };
+    (fanotify_init) => {
+        libc::SYS_fanotify_init
+    };
+    (fanotify_mark) => {
+        libc::SYS_fanotify_mark
+    };
 }
 
 /// The deny-list (pure data).
@@ -209,6 +218,12 @@ pub fn deny_rules() -> Vec<DenyRule> {
         acct,
         quotactl,
         pidfd_getfd,
+        // File-system watches: the read-only image is the host's own inodes, so a watch on
+        // /usr/bin would see (with timestamps) which binaries the host and other sandboxes
+        // open. Sandboxed code polls its own files instead.
+        inotify_add_watch,
+        fanotify_init,
+        fanotify_mark,
     );
     rules.push(DenyRule {
         name: "clone",

@@ -88,10 +88,14 @@ fn posture() {
         (1 << 21) | (1 << 8) | 0b1110
     );
     let map = std::fs::read_to_string(format!("/proc/{}/uid_map", sb.pid())).unwrap();
+    // Root 0 maps to the sandbox's own host uid, leased from uid_range (never host root).
+    let host_uid = sb.policy().host_id.to_string();
     assert_eq!(
         map.split_whitespace().collect::<Vec<_>>(),
-        ["0", "65534", "1"]
+        ["0", host_uid.as_str(), "1"]
     );
+    let (first, count) = sb.policy().uid_range;
+    assert!((first..first + count).contains(&sb.policy().host_id));
     for ns in ["user", "pid", "mnt", "net", "ipc", "uts", "cgroup"] {
         let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
         let theirs = std::fs::read_link(format!("/proc/{}/ns/{ns}", sb.pid())).unwrap();
@@ -157,19 +161,19 @@ fn files_and_python() {
         "echo x > /tmp/b; ln -s /etc/passwd /workspace/l; ln -s ../../.. /workspace/up",
         None,
     );
-    assert_eq!(sb.read_file(b"/tmp/b").unwrap(), b"x\n");
+    assert_eq!(sb.read_file(b"/tmp/b", None).unwrap(), b"x\n");
     assert!(matches!(
-        sb.read_file(b"../../etc/passwd"),
+        sb.read_file(b"../../etc/passwd", None),
         Err(Error::Path(_))
     ));
-    assert!(matches!(sb.read_file(b"l"), Err(Error::Path(_))));
+    assert!(matches!(sb.read_file(b"l", None), Err(Error::Path(_))));
     assert!(matches!(
-        sb.read_file(b"up/etc/hostname"),
+        sb.read_file(b"up/etc/hostname", None),
         Err(Error::Path(_))
     ));
     assert!(matches!(sb.write_file(b"/usr/x", b""), Err(Error::Path(_))));
     assert!(matches!(
-        sb.read_file(b"/proc/1/environ"),
+        sb.read_file(b"/proc/1/environ", None),
         Err(Error::Path(_))
     ));
     let o = sb

@@ -17,12 +17,14 @@ pub struct Confinement {
     /// Signals whose disposition in the init is not SIG_DFL; only these need a reset (an
     /// ignored disposition would survive execve).
     pub reset_signals: Vec<libc::c_int>,
-    /// Whether the init's own oom_score_adj differs from 0 (children inherit it otherwise).
-    pub reset_oom: bool,
     pub nofile: u64,
     pub fsize: u64,
     pub nproc: u64,
 }
+
+/// RLIMIT_SIGPENDING and RLIMIT_MSGQUEUE of every sandboxed process.
+pub const SIGPENDING: u64 = 1024;
+pub const MSGQUEUE: u64 = 512 << 10;
 
 const SECBITS: libc::c_ulong = 0xEF; // NOROOT, NO_SETUID_FIXUP, KEEP_CAPS_LOCKED, NO_CAP_AMBIENT_RAISE (+locks)
 
@@ -35,6 +37,19 @@ fn rlimit(res: libc::__rlimit_resource_t, soft: u64, hard: u64, name: &str) -> R
     cvt(unsafe { libc::setrlimit(res, &r) })
         .map(|_| ())
         .map_err(|e| format!("setrlimit {name}: {e}"))
+}
+
+/// Sets soft and hard limit to `v`, or to the current hard limit where that is lower (raising
+/// it needs CAP_SYS_RESOURCE).
+fn lower_rlimit(res: libc::__rlimit_resource_t, v: u64, name: &str) -> Result<(), String> {
+    let mut cur = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: cur is a valid rlimit.
+    unsafe { libc::getrlimit(res, &mut cur) };
+    let v = v.min(cur.rlim_max);
+    rlimit(res, v, v, name)
 }
 
 fn prctl(op: libc::c_int, a: libc::c_ulong, what: &str) -> Result<(), String> {
@@ -54,10 +69,10 @@ fn prctl(op: libc::c_int, a: libc::c_ulong, what: &str) -> Result<(), String> {
 
 impl Confinement {
     /// Reads, once in the init after its own setup, what every child has to undo: the signals
-    /// not at their default disposition, the capabilities left in the bounding set (up to
-    /// `cap_last`) and whether oom_score_adj is non-zero. The init changes none of them later,
-    /// so a forked child starts from exactly this state and [`enter`] stays complete.
-    pub fn probe(cap_last: u32) -> (Vec<u32>, Vec<libc::c_int>, bool) {
+    /// not at their default disposition and the capabilities left in the bounding set (up to
+    /// `cap_last`). The init changes none of them later, so a forked child starts from
+    /// exactly this state and [`enter`] stays complete.
+    pub fn probe(cap_last: u32) -> (Vec<u32>, Vec<libc::c_int>) {
         let caps = (0..=cap_last)
             .filter(|&c| {
                 // SAFETY: prctl with integer arguments.
@@ -75,10 +90,7 @@ impl Confinement {
                 }
             })
             .collect();
-        let oom = std::fs::read_to_string("/proc/self/oom_score_adj")
-            .map(|t| t.trim() != "0")
-            .unwrap_or(true);
-        (caps, sigs, oom)
+        (caps, sigs)
     }
 }
 
@@ -95,13 +107,22 @@ pub fn enter(c: &Confinement, cpu_seconds: Option<u64>) -> Result<(), String> {
         libc::setsid();
         libc::umask(0o022);
     }
-    if c.reset_oom {
-        let _ = write_path("/proc/self/oom_score_adj", b"0");
-    }
+    // Workload processes are the OOM killer's first choice within the sandbox's cgroup, so
+    // memory pressure they create kills them, never the init (raising needs no privilege).
+    // The file belongs to host root while the process is not dumpable (inherited from the
+    // init): dumpable for the write only, before any sandboxed code runs.
+    prctl(libc::PR_SET_DUMPABLE, 1, "SET_DUMPABLE")?;
+    let oom = write_path("/proc/self/oom_score_adj", b"1000");
+    prctl(libc::PR_SET_DUMPABLE, 0, "SET_DUMPABLE")?;
+    oom.map_err(|e| format!("oom_score_adj: {e}"))?;
     rlimit(libc::RLIMIT_NOFILE, c.nofile, c.nofile, "NOFILE")?;
     rlimit(libc::RLIMIT_FSIZE, c.fsize, c.fsize, "FSIZE")?;
     rlimit(libc::RLIMIT_CORE, 0, 0, "CORE")?;
     rlimit(libc::RLIMIT_NPROC, c.nproc, c.nproc, "NPROC")?;
+    // Queued signals and POSIX message queue bytes are per-user kernel budgets shared along
+    // the user-namespace chain: bound what one sandbox may hold.
+    lower_rlimit(libc::RLIMIT_SIGPENDING, SIGPENDING, "SIGPENDING")?;
+    lower_rlimit(libc::RLIMIT_MSGQUEUE, MSGQUEUE, "MSGQUEUE")?;
     if let Some(s) = cpu_seconds {
         rlimit(libc::RLIMIT_CPU, s, s + 1, "CPU")?;
     }

@@ -1,12 +1,15 @@
 //! The file API, served by the init with `openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)`
 //! rooted at the sandbox root (absolute paths) or at /workspace (relative paths). Only regular
-//! files outside procfs are read or written.
+//! files outside procfs are read or written. Both directions stream in chunks of at most
+//! [`CHUNK`] bytes, so the init never holds a whole file (its memory is the sandbox's).
 
 use crate::sys::{close, cstr};
 use std::os::fd::RawFd;
 
 /// Largest file read_file returns.
 pub const MAX_READ: u64 = 1 << 30;
+/// Bytes per data frame of the file API.
+pub const CHUNK: usize = 1 << 20;
 const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
 const RESOLVE_BENEATH: u64 = 0x08;
 const PROC_SUPER_MAGIC: i64 = 0x9fa0;
@@ -29,7 +32,9 @@ fn describe(path: &[u8], e: i32) -> String {
         libc::EXDEV => "escapes the sandbox root".to_string(),
         libc::ELOOP => "goes through a symlink that leaves the sandbox or a magic link".to_string(),
         libc::EROFS => "is on a read-only part of the sandbox".to_string(),
-        libc::ENOSPC => "no space left (disk_bytes)".to_string(),
+        libc::ENOSPC => "no space left on its mount (sized by disk_bytes, at most 3/8 of \
+            memory_bytes less headroom; see Sandbox.limits['tmpfs_bytes'])"
+            .to_string(),
         libc::EFBIG => "file too large (disk_bytes)".to_string(),
         _ => std::io::Error::from_raw_os_error(e).to_string(),
     };
@@ -99,11 +104,42 @@ fn open(root: RawFd, ws: RawFd, path: &[u8], flags: i32) -> Result<RawFd, String
     }
 }
 
-/// Reads a whole regular file.
-pub fn read(root: RawFd, ws: RawFd, path: &[u8]) -> Result<Vec<u8>, String> {
+fn too_big(path: &[u8], size: u64, max: u64) -> String {
+    format!(
+        "path {:?}: {size} bytes, more than max_bytes={max}",
+        String::from_utf8_lossy(path)
+    )
+}
+
+/// Reads a regular file of at most `max` bytes, handing it to `emit` chunk by chunk (at most
+/// [`CHUNK`] bytes each); a file larger than `max` (by its size, or by what reading finds) is
+/// an error naming both numbers.
+pub fn read(
+    root: RawFd,
+    ws: RawFd,
+    path: &[u8],
+    max: u64,
+    emit: &mut dyn FnMut(&[u8]) -> Result<(), String>,
+) -> Result<(), String> {
     let fd = open(root, ws, path, libc::O_RDONLY)?;
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
+    let r = read_fd(fd, path, max, emit);
+    close(fd);
+    r
+}
+
+fn read_fd(
+    fd: RawFd,
+    path: &[u8],
+    max: u64,
+    emit: &mut dyn FnMut(&[u8]) -> Result<(), String>,
+) -> Result<(), String> {
+    // SAFETY: st is a valid buffer for fstat.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut st) } == 0 && st.st_size as u64 > max {
+        return Err(too_big(path, st.st_size as u64, max));
+    }
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0u64;
     loop {
         // SAFETY: buf is valid.
         let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
@@ -114,34 +150,32 @@ pub fn read(root: RawFd, ws: RawFd, path: &[u8]) -> Result<Vec<u8>, String> {
             if e == libc::EINTR {
                 continue;
             }
-            close(fd);
             return Err(describe(path, e));
         }
         if n == 0 {
-            break;
+            return Ok(());
         }
-        out.extend_from_slice(&buf[..n as usize]);
-        if out.len() as u64 > MAX_READ {
-            close(fd);
-            return Err(format!(
-                "path {:?}: larger than {MAX_READ} bytes",
-                String::from_utf8_lossy(path)
-            ));
+        total += n as u64;
+        if total > max {
+            return Err(too_big(path, total, max));
         }
+        emit(&buf[..n as usize])?;
     }
-    close(fd);
-    Ok(out)
 }
 
-/// Creates or truncates a regular file and writes `data`.
-pub fn write(root: RawFd, ws: RawFd, path: &[u8], data: &[u8]) -> Result<(), String> {
-    let fd = open(
+/// Creates or truncates a regular file for writing; the caller writes chunks with
+/// [`write_chunk`] and closes it.
+pub fn create(root: RawFd, ws: RawFd, path: &[u8]) -> Result<RawFd, String> {
+    open(
         root,
         ws,
         path,
         libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC,
-    )?;
-    let r = crate::sys::write_all_fd(fd, data);
-    close(fd);
-    r.map_err(|e| describe(path, e.raw_os_error().unwrap_or(libc::EIO)))
+    )
+}
+
+/// Writes one chunk of a file opened by [`create`].
+pub fn write_chunk(fd: RawFd, path: &[u8], data: &[u8]) -> Result<(), String> {
+    crate::sys::write_all_fd(fd, data)
+        .map_err(|e| describe(path, e.raw_os_error().unwrap_or(libc::EIO)))
 }

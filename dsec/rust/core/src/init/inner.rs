@@ -92,6 +92,58 @@ fn keep_only_needed_caps(cap_last: u32) -> Result<(), String> {
     cvt(r).map(|_| ()).map_err(|e| format!("capset: {e}"))
 }
 
+/// Kernel budgets of the sandbox's own namespaces, set while the init still holds its
+/// capabilities there: SysV shared memory of its ipc namespace within the memory budget, and
+/// the per-namespace counts of its user namespace (inotify, fanotify, namespaces), which the
+/// kernel also charges to the user that created the namespace on the host; without them one
+/// sandbox could take every inotify instance or watch of that host user.
+fn limit_namespaces(p: &Policy) -> Result<(), String> {
+    let shm = p.memory_budget().shm_bytes;
+    let sets = [
+        ("kernel/shmmax", shm),
+        ("kernel/shmall", shm / 4096),
+        ("kernel/shmmni", 64),
+        ("user/max_inotify_instances", USERNS_MAX.inotify_instances),
+        ("user/max_inotify_watches", USERNS_MAX.inotify_watches),
+        ("user/max_fanotify_groups", 0),
+        ("user/max_fanotify_marks", 0),
+        ("user/max_user_namespaces", 0),
+        ("user/max_net_namespaces", 0),
+        ("user/max_mnt_namespaces", 0),
+        ("user/max_ipc_namespaces", 0),
+        ("user/max_uts_namespaces", 0),
+        ("user/max_cgroup_namespaces", 0),
+        ("user/max_time_namespaces", 0),
+        ("user/max_pid_namespaces", USERNS_MAX.pid_namespaces),
+    ];
+    for (name, v) in sets {
+        let path = format!("/proc/sys/{name}");
+        if !std::path::Path::new(&path).exists() {
+            continue;
+        }
+        crate::sys::write_path(&path, v.to_string().as_bytes())
+            .map_err(|e| format!("set {path} to {v}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Per-sandbox limits of what its user namespace may hold at once.
+pub struct UsernsMax {
+    pub inotify_instances: u64,
+    pub inotify_watches: u64,
+    pub pid_namespaces: u64,
+}
+
+/// The values every sandbox gets: a few inotify instances and watches for tools that want
+/// them; pid namespaces for the calls (one each, plus the python server; a finished call's
+/// namespace is uncounted only after an RCU grace period, hence the slack). Sandboxed code
+/// itself cannot create namespaces (seccomp).
+pub const USERNS_MAX: UsernsMax = UsernsMax {
+    inotify_instances: 16,
+    inotify_watches: 1024,
+    pid_namespaces: 256,
+};
+
 fn setup(p: &Policy) -> Result<State, String> {
     let m = |e: std::io::Error| e.to_string();
     // SAFETY: mount propagation change in our private mount namespace.
@@ -105,6 +157,8 @@ fn setup(p: &Policy) -> Result<State, String> {
         )
     })
     .map_err(|e| format!("make / private: {e}"))?;
+    // Through the host's /proc, before the sandbox's read-only /proc/sys replaces it.
+    limit_namespaces(p)?;
     let image = p
         .image
         .as_ref()
@@ -141,7 +195,8 @@ fn setup(p: &Policy) -> Result<State, String> {
             .chain(p.network.then_some(&"resolv.conf"))
             .map(|n| (*n, mounts::probe(&format!("{image}/etc/{n}"))))
             .collect(),
-        disk_bytes: p.disk_bytes,
+        disk_bytes: p.memory_budget().tmpfs_bytes,
+        shm_bytes: p.memory_budget().shm_bytes,
     };
     mounts::apply(root, &mounts::plan(&input)).map_err(m)?;
     mounts::pivot(root).map_err(|e| format!("pivot_root: {e}"))?;
@@ -184,7 +239,7 @@ fn setup(p: &Policy) -> Result<State, String> {
         .filter_map(|e| CString::new(e).ok())
         .collect();
     keep_only_needed_caps(cap_last)?;
-    let (bound_caps, reset_signals, reset_oom) = Confinement::probe(cap_last);
+    let (bound_caps, reset_signals) = Confinement::probe(cap_last);
     // Last step: the init confines itself with everything but the clone rule; children inherit
     // it and add the clone rule alone (see seccomp::SplitFilters).
     crate::seccomp::apply(&filters.init).map_err(|e| format!("seccomp on the init: {e}"))?;
@@ -194,7 +249,6 @@ fn setup(p: &Policy) -> Result<State, String> {
             landlock_fd,
             bound_caps,
             reset_signals,
-            reset_oom,
             nofile: p.max_open_files,
             fsize: p.disk_bytes,
             nproc: p.max_pids,
@@ -274,19 +328,60 @@ fn handle(st: &mut State, ctrl: RawFd, body: &[u8]) -> Result<Vec<u8>, (u8, Stri
             r.map(encode_outcome).map_err(|m| (errkind::SANDBOX, m))
         }
         tag::READ => {
+            // DATA frames with more=1 carry the chunks; the answer is the last (more=0).
             let path = d.bytes().map_err(bad)?;
-            let data = files::read(st.root_fd, st.ws_fd, &path).map_err(|m| (errkind::PATH, m))?;
+            let max = d.u64().map_err(bad)?;
+            let mut sock = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(ctrl) });
+            let mut emit = |chunk: &[u8]| {
+                let mut e = Enc::new(tag::DATA);
+                e.u8(1).bytes(chunk);
+                wire::write_frame(&mut *sock, &e.0).map_err(|e| format!("send: {e}"))
+            };
+            files::read(st.root_fd, st.ws_fd, &path, max, &mut emit)
+                .map_err(|m| (errkind::PATH, m))?;
             let mut e = Enc::new(tag::DATA);
-            e.bytes(&data);
+            e.u8(0).bytes(&[]);
             Ok(e.0)
         }
         tag::WRITE => {
+            // OK (or ERROR) once the file is open; then DATA chunks until `len` bytes arrived;
+            // the answer says whether all were written (the rest is drained after an error).
             let path = d.bytes().map_err(bad)?;
-            let data = d.bytes().map_err(bad)?;
-            files::write(st.root_fd, st.ws_fd, &path, &data).map_err(|m| (errkind::PATH, m))?;
-            Ok(Enc::new(tag::OK).0)
+            let len = d.u64().map_err(bad)?;
+            let fd = files::create(st.root_fd, st.ws_fd, &path).map_err(|m| (errkind::PATH, m))?;
+            let mut sock = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(ctrl) });
+            let r = receive_file(&mut sock, fd, &path, len);
+            close(fd);
+            r.map(|_| Enc::new(tag::OK).0)
         }
         t => Err((errkind::SANDBOX, format!("unknown request tag {t}"))),
+    }
+}
+
+fn receive_file(sock: &mut File, fd: RawFd, path: &[u8], len: u64) -> Result<(), (u8, String)> {
+    let gone = |e: String| (errkind::SANDBOX, format!("file data: {e}"));
+    wire::write_frame(sock, &Enc::new(tag::OK).0).map_err(|e| gone(e.to_string()))?;
+    let mut got = 0u64;
+    let mut failed = None;
+    while got < len {
+        let body = match wire::read_frame(sock) {
+            Ok(Some(b)) => b,
+            Ok(None) => return Err(gone("end of stream".into())),
+            Err(e) => return Err(gone(e.to_string())),
+        };
+        let mut d = Dec::new(&body);
+        if d.u8().ok() != Some(tag::DATA) {
+            return Err(gone("expected a data frame".into()));
+        }
+        let chunk = d.bytes().map_err(|e| gone(e.to_string()))?;
+        got += chunk.len() as u64;
+        if failed.is_none() {
+            failed = files::write_chunk(fd, path, &chunk).err();
+        }
+    }
+    match failed {
+        Some(m) => Err((errkind::PATH, m)),
+        None => Ok(()),
     }
 }
 

@@ -67,6 +67,7 @@ fn leave_cgroups(cgroups: &[(Vec<u8>, Vec<u8>)]) {
 /// for the error paths that run before that).
 fn remove_cgroups(cgroups: &[(Vec<u8>, Vec<u8>)]) {
     for (dir, _) in cgroups {
+        crate::cgroup::release_memory(std::path::Path::new(&s(dir)));
         for _ in 0..1000 {
             match std::fs::remove_dir(s(dir)) {
                 Ok(()) => break,
@@ -112,7 +113,22 @@ pub fn run() -> i32 {
     if !cfg.policy.network {
         flags |= libc::CLONE_NEWNET;
     }
-    let pid = match clone_fork(flags) {
+    // The new user namespace is owned by the sandbox's host uid, not by root: the kernel
+    // charges what the sandbox holds (inotify instances and watches, namespaces, queued
+    // signals) to that uid's budgets on the host, never to root's or another sandbox's.
+    let id = cfg.policy.host_id;
+    // SAFETY: switching the effective ids of this single-threaded process; the saved ids stay
+    // 0, so both calls below restore root.
+    let as_owner = unsafe { libc::setegid(id) == 0 && libc::seteuid(id) == 0 };
+    let cloned = clone_fork(flags);
+    if as_owner && !matches!(cloned, Ok(0)) {
+        // SAFETY: as above (the child, if any, is already in its own namespaces).
+        unsafe {
+            libc::seteuid(0);
+            libc::setegid(0);
+        }
+    }
+    let pid = match cloned {
         Ok(p) => p,
         Err(e) => {
             leave_cgroups(&cfg.cgroups);
@@ -133,7 +149,6 @@ pub fn run() -> i32 {
     // which waits for an RCU grace period unless another move happened within about one:
     // here it follows the join closely, so it is cheap; at teardown only rmdir is left.
     leave_cgroups(&cfg.cgroups);
-    let id = cfg.policy.host_id;
     let maps = [
         (format!("/proc/{pid}/setgroups"), "deny".to_string()),
         (format!("/proc/{pid}/uid_map"), format!("0 {id} 1\n")),

@@ -3,8 +3,17 @@
 # "<IQQ": code length, timeout ms, cpu seconds; the stdout/stderr pipe ends arrive as
 # SCM_RIGHTS), forks one child per call, and after the call kills every other process in its
 # namespace, so nothing a call started survives it.
+#
+# Calls must not reach the server: it is not dumpable (its /proc/<pid>/mem, environ and ptrace
+# are closed to the code it runs), a call's code is received into one buffer that is zeroed
+# once the call's child is forked (later children do not inherit it), and after every call the
+# server compares its limits, priority, scheduling, affinity, I/O priority and oom_score_adj
+# with the values it started with: if a call changed one (prlimit, setpriority, ...), it
+# answers that call with the restart flag and exits, and the init starts a fresh server.
 import contextlib
+import ctypes
 import os
+import resource
 import select
 import signal
 import socket
@@ -13,18 +22,49 @@ import sys
 import traceback
 
 signal.signal(signal.SIGINT, signal.SIG_IGN)
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0
 _sock = socket.socket(fileno=3)
 _hdr = struct.Struct("<IQQ")
+_IOPRIO_GET = {"x86_64": 252, "aarch64": 31}.get(os.uname().machine)
 
 
-def _recv_exact(n):
-    buf = b""
-    while len(buf) < n:
-        chunk = _sock.recv(n - len(buf))
-        if not chunk:
+def _state():
+    limits = []
+    for r in range(16):  # RLIMIT_CPU .. RLIMIT_RTTIME
+        with contextlib.suppress(ValueError, OSError):
+            limits.append(resource.getrlimit(r))
+    with open("/proc/self/oom_score_adj") as f:
+        oom = f.read()
+    ioprio = _libc.syscall(_IOPRIO_GET, 1, 0) if _IOPRIO_GET else 0
+    return (
+        limits,
+        os.getpriority(os.PRIO_PROCESS, 0),
+        os.sched_getscheduler(0),
+        os.sched_getaffinity(0),
+        oom,
+        ioprio,
+    )
+
+
+_PRISTINE = _state()
+
+
+def _tampered():
+    try:
+        return _state() != _PRISTINE
+    except BaseException:
+        return True
+
+
+def _recv_into(buf):
+    view = memoryview(buf)
+    got = 0
+    while got < len(buf):
+        n = _sock.recv_into(view[got:])
+        if not n:
             os._exit(0)
-        buf += chunk
-    return buf
+        got += n
 
 
 def _reap():
@@ -76,16 +116,21 @@ def _serve():
         if not msg:
             os._exit(0)
         if len(msg) < _hdr.size:
-            msg += _recv_exact(_hdr.size - len(msg))
+            rest = bytearray(_hdr.size - len(msg))
+            _recv_into(rest)
+            msg += bytes(rest)
         n, timeout_ms, cpu = _hdr.unpack(msg)
-        code = _recv_exact(n) if n else b""
+        code = bytearray(n)
+        _recv_into(code)
         pid = os.fork()
         if pid == 0:
             try:
                 _sock.close()
-                _child(code, fds[0], fds[1], cpu)
+                _child(bytes(code), fds[0], fds[1], cpu)
             finally:
                 os._exit(70)
+        code[:] = bytes(n)
+        del code
         for fd in fds:
             os.close(fd)
         timed_out = 0
@@ -98,7 +143,10 @@ def _serve():
         _, status, ru = os.wait4(pid, 0)
         _reap()
         cpu_ns = int((ru.ru_utime + ru.ru_stime) * 1e9)
-        _sock.sendall(struct.pack("<iBQ", status, timed_out, cpu_ns))
+        restart = _tampered()
+        _sock.sendall(struct.pack("<iBQB", status, timed_out, cpu_ns, restart))
+        if restart:
+            os._exit(0)
 
 
 _serve()

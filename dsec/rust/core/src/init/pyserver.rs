@@ -195,12 +195,12 @@ impl PyServer {
                 return (None, Err("host closed the control socket".into()));
             }
         };
-        let mut resp = [0u8; 13];
+        let mut resp = [0u8; 14];
         let ok = pumped.ready == Some(0) && {
-            // SAFETY: resp is valid; the server sends the 13 bytes in one write.
+            // SAFETY: resp is valid; the server sends the 14 bytes in one write.
             let n =
-                unsafe { libc::recv(self.sock, resp.as_mut_ptr().cast(), 13, libc::MSG_WAITALL) };
-            n == 13
+                unsafe { libc::recv(self.sock, resp.as_mut_ptr().cast(), 14, libc::MSG_WAITALL) };
+            n == 14
         };
         if !ok {
             self.stop();
@@ -219,8 +219,16 @@ impl PyServer {
         let mut p = pumped;
         p.timed_out = resp[4] != 0;
         let cpu_ns = u64::from_le_bytes(resp[5..13].try_into().unwrap_or([0; 8]));
+        // The server saw its own state changed by the call: it exits; the next call gets a
+        // fresh one.
+        let server = if resp[13] != 0 {
+            self.stop();
+            None
+        } else {
+            Some(self)
+        };
         (
-            Some(self),
+            server,
             Ok(Outcome {
                 status: Some(status),
                 pumped: p,
