@@ -137,6 +137,8 @@ def test_a_python_call_cannot_read_earlier_calls(make_sandbox):
     assert r.exit_code == 0, describe(r)
     seen = py_json(sb, SCAN, warm=True)
     assert hexs not in seen["found"], seen
+    # The server (pid 1 of the calls' pid namespace) is not readable at all.
+    assert any(e.startswith("1:") for e in seen["errors"]), seen
 
 
 # ------------------------------------------------------------------ memory that outlives a call
