@@ -8,8 +8,9 @@ under ``ray job submit --working-dir . -- python -m rollout run CONFIG``), runs 
 on RolloutWorker actors, stores the trajectories in the run directory (``--out``, default
 ``run.out_dir/run.name``) and prints a summary table. A config with ``sft.steps`` or
 ``rl.steps`` > 0 is a training run instead (``rollout.train``: SFT warm start, then GRPO steps
-on the same workers). ``--resume`` continues a run directory,
-skipping the groups it already holds. Exit status: 0 done, 1 the job failed, 2 bad usage or
+on the same workers; ``learner.num_ranks`` > 1 trains on that many data-parallel learner
+actors). ``--resume`` continues a run directory, skipping the groups (or, for training, the
+steps) it already holds. Exit status: 0 done, 1 the job failed, 2 bad usage or
 config, 130 interrupted (the stored groups stay; ``--resume`` continues).
 """
 
@@ -114,31 +115,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _train(config: Any, run_dir: Path, resume: bool) -> dict[str, Any]:
-    """A training run (``sft.steps`` or ``rl.steps`` > 0): the learner in this process, the
-    rollouts on a RolloutPool (rollout.train)."""
+    """A training run (``sft.steps`` or ``rl.steps`` > 0): the learner in this process (or
+    ``learner.num_ranks`` Learner actors), the rollouts on a RolloutPool (rollout.train)."""
     from rollout import workers
-    from rollout.learner import Learner
-    from rollout.train import Trainer, TrainError
 
-    if config.learner.num_ranks > 1:
-        raise TrainError(
-            f"learner.num_ranks = {config.learner.num_ranks}: `python -m rollout run` trains "
-            "with one learner rank; set learner.num_ranks = 1"
-        )
-    learner = Learner(config)
-    try:
-        return Trainer(
-            config,
-            run_dir,
-            sampler_factory=lambda tokenizer_json: workers.RolloutPool(
-                config, tokenizer_json=tokenizer_json
-            ),
-            learner=learner,
-            resume=resume,
-            group_type=workers.Group,
-        ).run()
-    finally:
-        learner.close()
+    return workers.run_training(config, run_dir, resume=resume)
 
 
 def print_train_summary(summary: dict[str, Any]) -> None:

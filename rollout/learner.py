@@ -45,7 +45,7 @@ import torch
 
 from rollout.config import Config, from_dict
 
-__all__ = ["Learner", "Sample", "latest_checkpoint"]
+__all__ = ["Learner", "Sample", "checkpoint_files", "latest_checkpoint"]
 
 
 @dataclass
@@ -345,17 +345,18 @@ class Learner:
         shutil.rmtree(old, ignore_errors=True)
         return path
 
-    def load(self, path: str | os.PathLike[str]) -> dict[str, Any]:
-        """Restore a checkpoint written by :meth:`save`; returns its ``extra``."""
-        from safetensors.torch import load_file
+    def load(self, path: str | os.PathLike[str] | dict[str, bytes]) -> dict[str, Any]:
+        """Restore a checkpoint written by :meth:`save` (its directory, or its files as
+        ``{name: bytes}``, as :func:`checkpoint_files` reads them); returns its ``extra``."""
+        from safetensors.torch import load as load_bytes
 
-        path = Path(path)
-        model = load_file(str(path / "model.safetensors"))
+        files = path if isinstance(path, dict) else checkpoint_files(path)
+        model = load_bytes(files["model.safetensors"])
         self.model.load_state_dict({k: v.to(self.device) for k, v in model.items()})
-        state = json.loads((path / "learner.json").read_text())
+        state = json.loads(files["learner.json"])
         self.reset_optimizer()
-        self._load_optimizer(load_file(str(path / "optimizer.safetensors")), state["lr"])
-        torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
+        self._load_optimizer(load_bytes(files["optimizer.safetensors"]), state["lr"])
+        torch.set_rng_state(load_bytes(files["rng.safetensors"])["torch"])
         self.version = state["version"]
         self.rl_steps = state["rl_steps"]
         self.sft_steps = state["sft_steps"]
@@ -387,6 +388,15 @@ class Learner:
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "learner.json", "rng.safetensors")
+
+
+def checkpoint_files(path: str | os.PathLike[str]) -> dict[str, bytes]:
+    """A checkpoint directory's files as ``{name: bytes}`` (what a learner rank on another node
+    loads: only the driver's node holds the run directory)."""
+    return {name: (Path(path) / name).read_bytes() for name in CHECKPOINT_FILES}
 
 
 def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:

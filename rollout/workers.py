@@ -10,6 +10,10 @@ training loop (``rollout.train``) drive it through :class:`RolloutPool`.
   reward functions while its sandbox is still live, and returns the G trajectories.
 - :class:`RolloutPool`: long-lived workers that run batches of groups (``submit``, then
   ``finished`` or ``collect``), take new weights (``set_weights``), and survive worker deaths.
+- :class:`LearnerGroup`: ``learner.num_ranks`` Learner actors joined by ``torch.distributed``,
+  used by the training loop like one ``rollout.learner.Learner``; :func:`run_training` wires a
+  learner (in the driver for one rank, else a LearnerGroup), a RolloutPool and the
+  ``rollout.train.Trainer`` together.
 - :func:`connect` / :func:`disconnect`: an embedded Ray, or the cluster of ``--address`` /
   ``RAY_ADDRESS`` (as under ``ray job submit``).
 
@@ -49,12 +53,15 @@ from rollout.types import Trajectory  # noqa: E402
 __all__ = [
     "Group",
     "JobError",
+    "LearnerGroup",
     "RolloutPool",
     "RolloutWorker",
     "check_resources",
     "connect",
     "disconnect",
     "episode_seed",
+    "make_learner",
+    "run_training",
 ]
 
 log = logging.getLogger("rollout")
@@ -392,10 +399,11 @@ class RolloutPool:
         done = {group[0].group_id: group for group in self.finished(handle)}
         return [t for group_id in order for t in done[group_id]]
 
-    def set_weights(self, state_dict: dict[str, Any], version: int) -> None:
-        """New weights for every worker (put in the object store once); returns when every live
-        worker holds them. Groups started afterwards sample with ``version``."""
-        ref = ray.put(state_dict)
+    def set_weights(self, state_dict: dict[str, Any] | ray.ObjectRef, version: int) -> None:
+        """New weights for every worker (put in the object store once; a state dict already
+        there, e.g. a learner actor's result, is passed as its ObjectRef); returns when every
+        live worker holds them. Groups started afterwards sample with ``version``."""
+        ref = state_dict if isinstance(state_dict, ray.ObjectRef) else ray.put(state_dict)
         with self._cond:
             self._raise_if_failed()
             self._weights = (ref, version)
@@ -568,6 +576,189 @@ def _check_group(group: Group, trajectories: list[Trajectory]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# The learner side
+# ------------------------------------------------------------------------------------------------
+
+
+class LearnerGroup:
+    """``learner.num_ranks`` Learner actors joined by ``torch.distributed``, used like one
+    ``rollout.learner.Learner`` (``train_step``, ``sft_step``, ``reset_optimizer``,
+    ``weights``, ``save``, ``load``, ``version``, ``close``).
+
+    - Every rank gets the whole batch (one ``ray.put``), trains on its share (sequences rank,
+      rank + N, ...) and the gradients are summed over the ranks before the optimizer step
+      (``Learner``), so every rank holds the same parameters after each step.
+    - Rendezvous: a TCP store on rank 0, which is pinned to the driver's node (its address is
+      the driver's node address and a port free there); the other ranks go wherever Ray places
+      them. gloo on CPU, NCCL when the ranks see a GPU.
+    - Rank 0 publishes the weights (``weights()`` returns an ObjectRef of its state dict: the
+      rollout workers fetch it from rank 0's object store without a copy through the driver)
+      and writes checkpoints (in the run directory on the driver's node). ``load`` reads a
+      checkpoint in the driver and sends its files to every rank.
+    - The ranks are placed at once (each waits for the others in the rendezvous): when
+      ``num_ranks * learner.num_cpus`` plus ``reserve_cpus`` (the rollout workers that run
+      beside them) exceed the cluster's CPUs, the constructor refuses before starting any.
+    - A rank that fails ends the group (``JobError``): the process group cannot lose a member;
+      the run resumes from its last checkpoint.
+    """
+
+    def __init__(self, config: Config, *, reserve_cpus: float = 0.0) -> None:
+        import socket
+
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from rollout.learner import Learner
+
+        c = config.learner
+        n, cpus = c.num_ranks, c.num_cpus
+        have = ray.cluster_resources().get("CPU", 0.0)
+        if n * cpus + reserve_cpus > have:
+            beside = (
+                f" beside the {reserve_cpus:g} CPUs of the rollout workers" if reserve_cpus else ""
+            )
+            raise JobError(
+                f"learner.num_ranks = {n} ranks x learner.num_cpus = {cpus:g} need "
+                f"{n * cpus:g} CPUs{beside}, but the Ray cluster has {have:g} CPUs in all: "
+                "lower learner.num_ranks or learner.num_cpus, or add nodes"
+            )
+        self.config = config
+        self.version = 0
+        self.actors: list[Any] = []
+        ip = ray.util.get_node_ip_address()
+        with socket.socket() as s:  # free now on this node, where rank 0 binds it
+            s.bind((ip, 0))
+            port = s.getsockname()[1]
+        init_method = f"tcp://{ip}:{port}"
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        cls = ray.remote(Learner)
+        settings = config.to_dict()
+        try:
+            for rank in range(n):
+                options: dict[str, Any] = {"num_cpus": cpus, "max_restarts": 0}
+                if rank == 0:
+                    options["scheduling_strategy"] = here
+                actor = cls.options(**options).remote(settings, rank=rank, init_method=init_method)
+                self.actors.append(actor)
+            self._gather([a.info.remote() for a in self.actors], "start")
+        except BaseException:
+            self.close()
+            raise
+
+    def _gather(self, refs: list[Any], what: str) -> list[Any]:
+        """Every rank's result; the first failure ends the group (the others would wait for the
+        failed rank in the next collective forever)."""
+        index = {ref: i for i, ref in enumerate(refs)}
+        results: list[Any] = [None] * len(refs)
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ref = done[0]
+            try:
+                results[index[ref]] = ray.get(ref)
+            except (RayActorError, RayTaskError) as exc:
+                self.close()
+                raise JobError(
+                    f"learner rank {index[ref]} failed to {what}: {exc}; the learner group is "
+                    "stopped (`--resume` continues from the last checkpoint)"
+                ) from exc
+        return results
+
+    def _all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        if not self.actors:
+            raise JobError("the learner group is closed")
+        calls = [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+        return self._gather(calls, method.replace("_", " "))
+
+    def train_step(self, trajectories: list[Trajectory]) -> dict[str, float]:
+        """One GRPO step on every rank; rank 0's metrics (the reduced ones are equal on all)."""
+        metrics = self._all("train_step", ray.put(list(trajectories)))[0]
+        self.version = int(metrics["version"])
+        return metrics
+
+    def sft_step(self, samples: list[Any], lr: float | None = None) -> dict[str, float]:
+        return self._all("sft_step", ray.put(list(samples)), lr=lr)[0]
+
+    def reset_optimizer(self) -> None:
+        self._all("reset_optimizer")
+
+    def weights(self) -> tuple[Any, int]:
+        """``(ObjectRef of rank 0's state dict, version)`` for ``RolloutPool.set_weights``."""
+        if not self.actors:
+            raise JobError("the learner group is closed")
+        return self.actors[0].state_dict.remote(), self.version
+
+    def state_dicts(self) -> list[dict[str, Any]]:
+        """Every rank's weights (tests: the ranks agree)."""
+        return self._all("state_dict")
+
+    def save(self, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Any:
+        """Rank 0 writes the checkpoint (on the driver's node: the path is made absolute here)."""
+        target = os.path.abspath(path)
+        if not self.actors:
+            raise JobError("the learner group is closed")
+        return self._gather([self.actors[0].save.remote(target, extra)], "save")[0]
+
+    def load(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """Every rank restores the checkpoint at ``path`` (read here, sent to each rank)."""
+        from rollout.learner import checkpoint_files
+
+        extra = self._all("load", ray.put(checkpoint_files(path)))[0]
+        self.version = self._all("info")[0]["version"]
+        return extra
+
+    def close(self) -> None:
+        """Leave the process group and end the actors."""
+        actors, self.actors = self.actors, []
+        if actors:
+            ray.wait([a.close.remote() for a in actors], num_returns=len(actors), timeout=10.0)
+        for a in actors:
+            ray.kill(a, no_restart=True)
+
+
+def make_learner(config: Config, *, reserve_cpus: float = 0.0) -> Any:
+    """The run's learner: one ``rollout.learner.Learner`` in this process for
+    ``learner.num_ranks = 1``, else a :class:`LearnerGroup`."""
+    if config.learner.num_ranks == 1:
+        from rollout.learner import Learner
+
+        return Learner(config)
+    return LearnerGroup(config, reserve_cpus=reserve_cpus)
+
+
+def run_training(
+    config: Config,
+    run_dir: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    progress: bool | None = None,
+    on_step: Callable[..., None] | None = None,
+) -> dict[str, Any]:
+    """A training run (``rollout.train.Trainer``) on this Ray cluster: the learner (in this
+    process, or a LearnerGroup), rollouts on a RolloutPool started once the run's tokenizer is
+    known. Returns the learning summary."""
+    from rollout.train import Trainer
+
+    check_resources(config)
+    w = config.workers
+    learner = make_learner(config, reserve_cpus=w.num_workers * w.num_cpus)
+    try:
+        return Trainer(
+            config,
+            run_dir,
+            sampler_factory=lambda tokenizer_json: RolloutPool(
+                config, tokenizer_json=tokenizer_json
+            ),
+            learner=learner,
+            resume=resume,
+            progress=progress,
+            on_step=on_step,
+            group_type=Group,
+        ).run()
+    finally:
+        learner.close()
+
+
+# ------------------------------------------------------------------------------------------------
 # Connecting to Ray
 # ------------------------------------------------------------------------------------------------
 
@@ -580,7 +771,8 @@ _LOOPBACK_ENV = {  # an embedded instance is single-node and private (shared/PLA
 
 def connect(config: Config, address: str | None = None) -> bool:
     """Join the cluster at ``address`` or ``RAY_ADDRESS`` (as under ``ray job submit``), else
-    start an embedded instance sized for the workers. Returns True when this call started Ray
+    start an embedded instance sized for the workers (and the learner ranks of a training run
+    with ``learner.num_ranks > 1``). Returns True when this call started Ray
     (the caller then calls :func:`disconnect`); False when Ray was already up or joined."""
     if ray.is_initialized():
         return False
@@ -590,8 +782,11 @@ def connect(config: Config, address: str | None = None) -> bool:
         return True
     for key, value in _LOOPBACK_ENV.items():
         os.environ.setdefault(key, value)
-    w = config.workers
-    cpus = max(os.cpu_count() or 1, math.ceil(w.num_workers * w.num_cpus))
+    w, lr = config.workers, config.learner
+    need = w.num_workers * w.num_cpus
+    if lr.num_ranks > 1 and (config.sft.steps or config.rl.steps):
+        need += lr.num_ranks * lr.num_cpus  # learner ranks are actors beside the workers
+    cpus = max(os.cpu_count() or 1, math.ceil(need))
     ray.init(num_cpus=cpus, include_dashboard=False, **quiet)
     return True
 

@@ -152,3 +152,48 @@ def test_bad_training_config_is_refused_before_anything_starts(override, message
     extra = ["learner.max_staleness=0"] if override.startswith("rl.mode") else []
     with pytest.raises(ConfigError, match=message or "max_staleness"):
         load_config(None, [override, *extra])
+
+
+@pytest.mark.ray
+def test_learner_group_on_ray_matches_one_learner(ray_session, tmp_path):
+    """Two Learner actors joined by torch.distributed (rendezvous on rank 0, pinned to this
+    node): after one step both hold the parameters of one in-process Learner on the same
+    batch; rank 0 publishes the weights and writes a checkpoint every rank can load."""
+    import ray
+
+    from rollout.workers import LearnerGroup
+
+    one = Learner(_config())
+    m1 = one.train_step(_batch())
+    group = LearnerGroup(_config("learner.num_ranks=2"))
+    try:
+        m2 = group.train_step(_batch())
+        assert group.version == one.version == 1
+        for state in group.state_dicts():
+            for k, v in one.model.state_dict().items():
+                torch.testing.assert_close(state[k], v, rtol=1e-3, atol=1e-4)
+        assert m2["tokens"] == m1["tokens"]
+        assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-4)
+
+        ref, version = group.weights()
+        assert isinstance(ref, ray.ObjectRef) and version == 1
+        published = ray.get(ref)
+        assert all(torch.equal(published[k], v) for k, v in group.state_dicts()[1].items())
+
+        group.save(tmp_path / "ckpt", extra={"next_step": 1})
+        group.train_step(_batch(1))
+        assert group.load(tmp_path / "ckpt") == {"next_step": 1} and group.version == 1
+        for state in group.state_dicts():  # every rank is back at the checkpoint
+            assert all(torch.equal(state[k], v) for k, v in published.items())
+    finally:
+        group.close()
+
+
+@pytest.mark.ray
+def test_learner_group_needs_the_cpus_before_it_starts(ray_session):
+    from rollout.workers import JobError, LearnerGroup
+
+    with pytest.raises(JobError, match=r"learner.num_ranks = 2 ranks x learner.num_cpus = 1.5"):
+        LearnerGroup(_config("learner.num_ranks=2", "learner.num_cpus=1.5"))
+    with pytest.raises(JobError, match="beside the 1 CPUs of the rollout workers"):
+        LearnerGroup(_config("learner.num_ranks=2"), reserve_cpus=1)
