@@ -5,15 +5,23 @@ sink, partial interleaved RoPE (inverse RoPE on the output) and a grouped output
 Letters: B batch, S tokens, H heads, c head dim, W window, N compressed entries, m ratio,
 g output groups, d_g per-group rank.
 
-Three callers share the same projections and the same kernel (``attention_core``: by
-``cfg.attn_impl``, the torch ``sparse_attention`` or the Triton gathered-index kernel):
-- full sequence from position 0, no cache (training): keys = [S raw kv | N compressed];
-- cached extend, S tokens per row appended at per-row positions (prefill, continuation):
-  keys = [W ring slots | S new kv | N compressed];
-- one decode token per row at per-row positions: keys = [W ring slots | chosen compressed].
+Three callers share the same projections:
+- full sequence from position 0, no cache (training);
+- cached extend, S tokens per row appended at per-row positions (prefill, continuation);
+- one decode token per row at per-row positions: keys = [W ring slots | chosen compressed],
+  through ``attention_core`` (by ``cfg.attn_impl``, the torch ``sparse_attention`` or the Triton
+  gathered-index kernel).
+The first two follow ``cfg.attn_path``: "blocksparse" runs ``blocksparse_attention`` on the
+timeline [W tokens before the first query (the ring in position order) | S new kv] plus the
+compressed entries, chunk by chunk, each query reading its window and its visible (HCA) or
+indexer-chosen (CSA) entries only; the indexer scores one query chunk at a time and keeps its
+top-k. "dense" (the reference) builds keys [S raw kv | N compressed] (full) or [W ring slots |
+S new kv | N compressed] (extend) under a dense [B, S, keys] mask for ``attention_core``.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -22,6 +30,7 @@ from policy.compressor import Compressor, quantize_kv
 from policy.config import V4Config
 from policy.indexer import Indexer, index_scores, topk_indices
 from policy.kernels import attention_core
+from policy.kernels.blocksparse import CompressedKeys, chunk_attention, chunk_queries, timeline
 from policy.layers import Linear, RMSNorm, unit_rms
 from policy.rope import apply_rope, rope_inv_freq, rope_tables
 
@@ -66,11 +75,12 @@ class Attention(nn.Module):
         at pos[:, 0], read from and written to the cache.
         """
         cfg, s = self.cfg, x.shape[1]
-        qr = self.q_norm(self.wq_a(x))  # [B, S, d_c]
-        q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))  # [B, S, H, c]
         rope = rope_tables(pos, self.inv_freq, x.device)  # shared by q, kv, output, indexer
-        q = apply_rope(unit_rms(q, cfg.rms_norm_eps), pos, self.inv_freq, tables=rope)
         kv = apply_rope(self.kv_norm(self.wkv(x)), pos, self.inv_freq, tables=rope)  # [B, S, c]
+        decode = cache is not None and fill_lengths is None
+        if cfg.attn_path == "blocksparse" and not decode:
+            return self._blocksparse(x, kv, pos, cache, fill_lengths, rope)
+        qr, q = self._queries(x, pos, rope)
         if cache is None:
             keys, allowed = self._full_keys(x, qr, quantize_kv(kv, cfg), rope)
         elif fill_lengths is not None:
@@ -79,7 +89,18 @@ class Attention(nn.Module):
             assert s == 1, "decode takes one token per row"
             keys, allowed = self._decode_keys(x, qr, kv, pos, cache, rope)
         o = attention_core(q, keys, allowed, self.attn_sink, self.softmax_scale, cfg.attn_impl)
-        o = apply_rope(o, pos, self.inv_freq, inverse=True, tables=rope)  # [B, S, H, c]
+        return self._output(o, pos, rope)
+
+    def _queries(self, x, pos, rope):
+        """x [B, S, d] -> (qr [B, S, d_c], q [B, S, H, c] unit-RMS, RoPE at pos)."""
+        qr = self.q_norm(self.wq_a(x))
+        q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
+        q = apply_rope(unit_rms(q, self.cfg.rms_norm_eps), pos, self.inv_freq, tables=rope)
+        return qr, q
+
+    def _output(self, o, pos, rope):
+        """Attention output o [B, S, H, c] -> inverse RoPE -> grouped projection [B, S, d]."""
+        o = apply_rope(o, pos, self.inv_freq, inverse=True, tables=rope)
         o = o.flatten(2).unflatten(-1, (self.groups, -1))  # [B, S, g, H*c/g]
         wo_a = self.wo_a.weight.view(self.groups, self.o_rank, -1)  # [g, d_g, H*c/g]
         o = torch.einsum("bsgi,goi->bsgo", o, wo_a)
@@ -93,18 +114,24 @@ class Attention(nn.Module):
         win = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - self.window)  # [S, S]
         keys, allowed = [kv], [win.expand(b, s, s)]
         if self.kind != "swa":
-            comp, _, _ = self.compressor(x, self.inv_freq)  # [B, N, c]
+            comp, ik = self._full_entries(x)  # [B, N, c], [B, N, c_I] | None
             n = comp.shape[1]
             vis = (torch.arange(1, n + 1, device=x.device) * self.ratio)[None] <= t[:, None] + 1
             vis = vis.expand(b, s, n)  # [B, S, N]: (i + 1) * m <= t + 1
             if self.kind == "csa":
-                ik, _, _ = self.indexer.compressor(x, self.inv_freq)  # [B, N, c_I]
                 pos = t.expand(b, s)
                 iq, iw = self.indexer.queries(qr, x, pos, self.inv_freq, rope)
                 vis = self._select(index_scores(iq, iw, ik), vis)
             keys.append(comp)
             allowed.append(vis)
         return torch.cat(keys, dim=1), torch.cat(allowed, dim=-1)
+
+    def _full_entries(self, x):
+        """Compressed entries [B, N, c] of a sequence from position 0, and the indexer keys
+        [B, N, c_I] (CSA; None otherwise)."""
+        comp = self.compressor(x, self.inv_freq)
+        ik = self.indexer.compressor(x, self.inv_freq) if self.kind == "csa" else None
+        return comp, ik
 
     def _select(self, scores: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
         """Indexer scores, visibility [B, S, N] -> the top-k chosen entries as a mask [B, S, N]."""
@@ -133,28 +160,93 @@ class Attention(nn.Module):
         own = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - w)  # [S, S]
         keys = [torch.cat((cache.window.read(w), quantize_kv(kv, self.cfg)), dim=1)]
         allowed = [torch.cat((ring_ok, own.expand(b, s, s)), dim=-1)]
-        # the last W new tokens of each row go to the ring (after it was read above)
+        self._write_ring(cache, kv, pos, lengths)  # after it was read above
+        if self.kind == "swa":
+            return torch.cat(keys, dim=1), torch.cat(allowed, dim=-1)
+        n = self._extend_entries(x, pos, lengths, cache)
+        vis = (torch.arange(1, n + 1, device=dev) * m)[None, None] <= pos[:, :, None] + 1
+        if self.kind == "csa":
+            iq, iw = self.indexer.queries(qr, x, pos, self.inv_freq, rope)
+            vis = self._select(index_scores(iq, iw, cache.index.read(n)), vis)
+        keys.append(cache.comp.read(n))
+        allowed.append(vis)
+        return torch.cat(keys, dim=1), torch.cat(allowed, dim=-1)
+
+    def _write_ring(self, cache, kv, pos, lengths):
+        """The last W new tokens of each row (kv [B, S, c]) go to the ring."""
+        w, t = self.window, torch.arange(kv.shape[1], device=kv.device)
         new = (t[None, :] < lengths[:, None]) & (t[None, :] >= lengths[:, None] - w)
         rr, tt = new.nonzero(as_tuple=True)
         cache.window.write(rr, pos[rr, tt] % w, kv[rr, tt])
-        if self.kind == "swa":
-            return torch.cat(keys, dim=1), torch.cat(allowed, dim=-1)
+
+    def _extend_entries(self, x, pos, lengths, cache) -> int:
+        """Run the compressors (and the indexer's) over the appended tokens, store the blocks
+        they complete; returns n, the entries the longest row holds after the append."""
         out = self.compressor.extend(x, pos, lengths, cache.kv_state, cache.sc_state, self.inv_freq)
         if out is not None:
             cache.comp.write(*out)
-        n = int(((p0 + lengths) // m).max())  # entries held after this append
-        vis = (torch.arange(1, n + 1, device=dev) * m)[None, None] <= pos[:, :, None] + 1
         if self.kind == "csa":
             iout = self.indexer.compressor.extend(
                 x, pos, lengths, cache.ikv_state, cache.isc_state, self.inv_freq
             )
             if iout is not None:
                 cache.index.write(*iout)
-            iq, iw = self.indexer.queries(qr, x, pos, self.inv_freq, rope)
-            vis = self._select(index_scores(iq, iw, cache.index.read(n)), vis)
-        keys.append(cache.comp.read(n))
-        allowed.append(vis)
-        return torch.cat(keys, dim=1), torch.cat(allowed, dim=-1)
+        return int(((pos[:, 0] + lengths) // self.ratio).max())
+
+    # ------------------------------------------------------------------ block-sparse
+    def _blocksparse(self, x, kv, pos, cache, lengths, rope):
+        """Full sequence (cache None) or cached extend, block-sparse: x [B, S, d], kv [B, S, c]
+        -> [B, S, d]. Keys and compressed entries are built for all S tokens; queries, indexer
+        choice, attention and output projection run per chunk of ``chunk_queries`` (its rule
+        bounds every per-chunk tensor). The extend writes the ring, the compressed entries and
+        the indexer keys exactly as the dense extend does."""
+        cfg, w = self.cfg, self.window
+        prev = prev_ok = comp = ik = None
+        if cache is None:
+            if self.kind != "swa":
+                comp, ik = self._full_entries(x)
+        else:
+            prev, prev_ok = self._ring_in_order(cache, pos[:, 0])
+            self._write_ring(cache, kv, pos, lengths)
+            if self.kind != "swa":
+                n = self._extend_entries(x, pos, lengths, cache)
+                comp = cache.comp.read(n)
+                ik = cache.index.read(n) if self.kind == "csa" else None
+        part = None
+        if comp is not None:
+            part = CompressedKeys(comp, self.ratio, pos)
+            if self.kind == "csa":
+                part.topk = min(cfg.index_topk, comp.shape[1])
+                part.select_row = 6 * comp.shape[1]  # scores, keys, masks per entry
+        kvp, prev_ok = timeline(quantize_kv(kv, cfg), w, prev, prev_ok)
+        step = chunk_queries(x.shape[0], self.n_heads, self.head_dim, w, part)
+        outs = []
+        for a in range(0, x.shape[1], step):
+            sl = slice(a, a + step)
+            xc, pc, rc = x[:, sl], pos[:, sl], (rope[0][:, sl], rope[1][:, sl])
+            qr, q = self._queries(xc, pc, rc)
+            if self.kind == "csa":
+                iq, iw = self.indexer.queries(qr, xc, pc, self.inv_freq, rc)
+                part.select = functools.partial(self._select_chunk, part, iq, iw, ik)
+            o = chunk_attention(
+                q, kvp, prev_ok, a, w, part, self.attn_sink, self.softmax_scale, cfg.attn_impl
+            )
+            outs.append(self._output(o, pc, rc))
+        return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+
+    def _ring_in_order(self, cache, p0):
+        """The ring as the W tokens before each row's first new position p0 [B], oldest first:
+        prev [B, W, c] (a copy: the ring is written next), prev_ok [B, W] (position >= 0)."""
+        w = self.window
+        held = p0[:, None] - w + torch.arange(w, device=p0.device)  # [B, W] positions
+        ring = cache.window.read(w)
+        return ring.gather(1, (held % w)[..., None].expand(-1, -1, ring.shape[-1])), held >= 0
+
+    def _select_chunk(self, part, iq, iw, ik, a, e, n):
+        """Indexer choice of the chunk's queries a..e-1 (iq [B, e - a, h, c_I], iw [B, e - a,
+        h]) among the first n entries: indices [B, e - a, <= k], -1 = none."""
+        scores = index_scores(iq, iw, ik[:, :n])  # [B, L, n]
+        return topk_indices(scores, part.mask(a, e, n), self.cfg.index_topk)
 
     # ------------------------------------------------------------------ decode
     def _decode_keys(self, x, qr, kv, pos, cache, rope):

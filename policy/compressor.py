@@ -119,31 +119,49 @@ class Compressor(nn.Module):
             return quantize_index(entry, self.cfg) if quant else hadamard(entry)
         return quantize_kv(entry, self.cfg) if quant else entry
 
-    def forward(
-        self, x: torch.Tensor, inv_freq: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Full sequence from position 0: x [B, S, d] -> (entries [B, S//m, c], kv, score).
+    def block_chunk(self, b: int) -> int:
+        """Blocks per chunk of the long-sequence paths: their slot tensors [B, blocks, 2m|m, C]
+        and temporaries (about 8 per slot element) stay within MAX_BLOCK_ELEMS."""
+        from policy.kernels import MAX_BLOCK_ELEMS
 
-        kv / score [B, S, C] are the per-token projections (the decode state is built from them).
-        Trailing tokens that do not fill a block produce no entry.
+        c = self.wkv.weight.shape[0]
+        return max(1, MAX_BLOCK_ELEMS // (8 * b * self.slots * c))
+
+    def forward(self, x: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+        """Full sequence from position 0: x [B, S, d] -> entries [B, S // m, c].
+
+        Trailing tokens that do not fill a block produce no entry. Runs ``block_chunk`` blocks
+        at a time (with the previous block's tokens for the overlap), so the per-token
+        projections of a long sequence never exist at once; every entry is computed the same
+        way whatever the chunking.
         """
         b, s, _ = x.shape
-        m = self.ratio
-        pos = torch.arange(s, device=x.device).expand(b, s)
-        kv, score = self.project(x, pos)
-        n = s // m
-        if n == 0:
-            return kv.new_zeros(b, 0, self.head_dim), kv, score
-        kvb = kv[:, : n * m].unflatten(1, (n, m))  # [B, N, m, C]
-        scb = score[:, : n * m].unflatten(1, (n, m))
+        n = s // self.ratio
+        step = self.block_chunk(b)
+        parts = [self._blocks(x, i, min(n, i + step), inv_freq) for i in range(0, n, step)]
+        if not parts:
+            return x.new_zeros(b, 0, self.head_dim, dtype=torch.float32)
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def _blocks(self, x: torch.Tensor, i: int, j: int, inv_freq: torch.Tensor) -> torch.Tensor:
+        """Entries i..j-1 of a sequence from position 0: x [B, S, d] -> [B, j - i, c]."""
+        b, m = x.shape[0], self.ratio
+        lo = (i - 1) * m if self.overlap and i > 0 else i * m  # overlap: the previous block too
+        pos = torch.arange(lo, j * m, device=x.device).expand(b, -1)
+        kv, score = self.project(x[:, lo : j * m], pos)
+        kvb, scb = kv.unflatten(1, (-1, m)), score.unflatten(1, (-1, m))  # [B, blocks, m, C]
         if self.overlap:
             # slots 0..m-1 <- previous block (0 / -inf for block 0); m..2m-1 <- own block
-            kvb = torch.cat((F.pad(kvb[:, :-1], (0, 0, 0, 0, 1, 0)), kvb), dim=2)
-            prev = F.pad(scb[:, :-1], (0, 0, 0, 0, 1, 0), value=float("-inf"))
-            scb = torch.cat((prev, scb), dim=2)
-        entries = self.pool(kvb, scb)  # [B, N, c]
-        epos = (torch.arange(n, device=x.device) * m).expand(b, n)
-        return self.finish(entries, epos, inv_freq), kv, score
+            if i == 0:
+                prev_kv = F.pad(kvb[:, :-1], (0, 0, 0, 0, 1, 0))
+                prev_sc = F.pad(scb[:, :-1], (0, 0, 0, 0, 1, 0), value=float("-inf"))
+            else:
+                prev_kv, prev_sc, kvb, scb = kvb[:, :-1], scb[:, :-1], kvb[:, 1:], scb[:, 1:]
+            kvb = torch.cat((prev_kv, kvb), dim=2)
+            scb = torch.cat((prev_sc, scb), dim=2)
+        entries = self.pool(kvb, scb)  # [B, j - i, c]
+        epos = (torch.arange(i, j, device=x.device) * m).expand(b, -1)
+        return self.finish(entries, epos, inv_freq)
 
     def extend(
         self,
@@ -163,12 +181,29 @@ class Compressor(nn.Module):
         Returns:
             (rows [M], indices [M], entries [M, c]) of every block completed by the append (not
             yet quantised: the cache rounds them on write), or None when none completed.
+            Long appends run ``block_chunk`` blocks' worth of tokens at a time, each continuing
+            from the state the previous one left.
         """
+        step = self.block_chunk(x.shape[0]) * self.ratio
+        outs = []
+        for a in range(0, x.shape[1], step):
+            ln = (lengths - a).clamp(0, step)
+            sl = slice(a, a + step)
+            outs.append(self._extend(x[:, sl], pos[:, sl], ln, kv_state, sc_state, inv_freq))
+        outs = [o for o in outs if o is not None]
+        if not outs:
+            return None
+        return tuple(torch.cat(t) for t in zip(*outs, strict=True)) if len(outs) > 1 else outs[0]
+
+    def _extend(self, x, pos, lengths, kv_state, sc_state, inv_freq):
+        """``extend`` of one chunk of the new tokens (same arguments and result)."""
         m = self.ratio
         off = m if self.overlap else 0
         kv, score = self.project(x, pos)  # [B, S, C]
         rows, index, blocks_kv, blocks_sc = [], [], [], []
         for r, n in enumerate(lengths.tolist()):
+            if n == 0:
+                continue
             p = int(pos[r, 0])
             rem = p % m
             tk = torch.cat((kv_state[r, off : off + rem], kv[r, :n]))  # from the block start

@@ -16,6 +16,7 @@ from typing import Any
 
 KV_DTYPES = ("fp8", "bfloat16", "float32")
 ATTN_IMPLS = ("torch", "triton")
+ATTN_PATHS = ("blocksparse", "dense")
 
 
 @dataclass
@@ -68,6 +69,11 @@ class V4Config:
         attn_impl: attention core: "torch" (default; dense-mask kernel of policy.kernels) or
             "triton" (the gathered-index Triton kernel of policy.kernels.triton_sparse_attn; on
             CPU tensors it needs the Triton interpreter, TRITON_INTERPRET=1). Forward only.
+        attn_path: how the full-sequence forward and the cached extend lay out their keys:
+            "blocksparse" (default; per query chunk only the window slice and the visible or
+            selected compressed entries, policy.kernels.blocksparse: memory O(S (W + k))) or
+            "dense" (all S raw tokens and N entries under a [B, S, S + N] mask: the quadratic
+            reference). Both give the same outputs and gradients; decode is the same for both.
     """
 
     vocab_size: int = 129280
@@ -116,6 +122,7 @@ class V4Config:
     index_quant_block: int = 32
     dtype: str = "float32"
     attn_impl: str = "torch"
+    attn_path: str = "blocksparse"
 
     def __post_init__(self) -> None:
         self.compress_ratios = tuple(int(r) for r in self.compress_ratios)
@@ -150,6 +157,8 @@ class V4Config:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
+        if self.attn_path not in ATTN_PATHS:
+            raise ValueError(f"attn_path must be one of {ATTN_PATHS}, got {self.attn_path!r}")
         if self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):

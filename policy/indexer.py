@@ -46,7 +46,8 @@ class Indexer(nn.Module):
 def index_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """q [B, S, h, c], w [B, S, h], keys k [B, N, c] -> scores [B, S, N] fp32.
 
-    Long sequences run in query chunks so the [B, S, h, N] logits never exist at once.
+    Long sequences run in query chunks so the [B, S, h, N] logits never exist at once. The
+    scores only feed the top-k choice, which has no gradient: no autograd graph is built.
     """
     b, s, h, _ = q.shape
     step = max(1, MAX_BLOCK_ELEMS // max(1, b * h * k.shape[1]))
@@ -55,19 +56,42 @@ def index_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> torch.Ten
             [index_scores(q[:, i : i + step], w[:, i : i + step], k) for i in range(0, s, step)],
             dim=1,
         )
-    logits = torch.einsum("bshc,bnc->bshn", q.float(), k.float()).relu()
-    return torch.einsum("bshn,bsh->bsn", logits, w.float())
+    with torch.no_grad():
+        logits = torch.matmul(q.float().flatten(1, 2), k.float().transpose(1, 2))  # [B, S*h, N]
+        logits = logits.relu_().unflatten(1, (s, h))  # [B, S, h, N]
+        return torch.matmul(w.float().unsqueeze(-2), logits).squeeze(-2)
 
 
 def topk_indices(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:
     """Top-k visible entries: scores, visible [B, S, N] -> indices [B, S, min(k, N)], -1 = none.
 
-    Ties (e.g. several all-ReLU-zero scores) go to the lower index (stable sort), so the choice
-    does not depend on how many invisible entries follow: the full forward and the cached decode
-    pick the same set.
+    Order and ties are those of a stable descending sort: higher score first, equal scores (e.g.
+    several all-ReLU-zero ones; -0.0 equals 0.0) to the lower index, so the choice does not
+    depend on how many invisible entries follow: the full forward, a chunk of it and the cached
+    decode pick the same set. No sort of whole rows: a partial selection (``torch.topk`` of
+    k + 1) finds a k-set with the right scores; a row whose (k+1)-th score ties the k-th (the set
+    is then ambiguous) is redone by ``_topk_exact``; the k chosen are then put in order.
     """
-    k = min(k, scores.shape[-1])
-    masked = scores.masked_fill(~visible, float("-inf"))
-    val, idx = masked.sort(dim=-1, descending=True, stable=True)
-    val, idx = val[..., :k], idx[..., :k]
-    return idx.masked_fill(val == float("-inf"), -1)
+    n = scores.shape[-1]
+    k = min(k, n)
+    masked = scores.float().masked_fill(~visible, float("-inf"))
+    val, idx = masked.topk(min(k + 1, n), dim=-1)  # sorted: the (k+1)-th shows a tie at the cut
+    if k < n:
+        tied = (val[..., k] == val[..., k - 1]) & (val[..., k] > float("-inf"))
+        idx = idx[..., :k]
+        if bool(tied.any()):  # invisible (-inf) ties only pick entries reported as -1
+            idx[tied] = _topk_exact(masked[tied], k)
+    idx = idx.sort(dim=-1).values  # by index, then stably by score: (score desc, index asc)
+    val, order = masked.gather(-1, idx).sort(dim=-1, descending=True, stable=True)
+    return idx.gather(-1, order).masked_fill(val == float("-inf"), -1)
+
+
+def _topk_exact(masked: torch.Tensor, k: int) -> torch.Tensor:
+    """The top-k set of rows masked [R, N] fp32 with ties to the lower index: ``torch.topk``
+    on one distinct int64 key per entry (the order-preserving integer image of the score in the
+    high 32 bits, N - 1 - index in the low ones). -> indices [R, k]."""
+    n = masked.shape[-1]
+    bits = (masked + 0.0).view(torch.int32)  # + 0.0: -0.0 -> +0.0, equal as in a sort
+    order = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()  # same order as the floats
+    tie = torch.arange(n - 1, -1, -1, device=masked.device)  # lower index -> larger key
+    return (order * (1 << 32) + tie).topk(k, dim=-1).indices

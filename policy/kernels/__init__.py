@@ -40,6 +40,13 @@ def attention_core(
         return sparse_attention(q, kv, allowed, sink, scale)
     if impl != "triton":
         raise ValueError(f"attention impl must be 'torch' or 'triton', got {impl!r}")
+    check_triton(q, kv, sink)
+    return triton_gathered(q, kv, allowed_to_indices(allowed), sink, scale)
+
+
+def check_triton(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor) -> None:
+    """Raise ValueError where the Triton core cannot run: CPU tensors without the interpreter,
+    or inputs that need a gradient (the kernel has no backward)."""
     if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             "attn_impl 'triton' on CPU tensors needs the Triton interpreter (TRITON_INTERPRET=1 "
@@ -47,11 +54,18 @@ def attention_core(
         )
     if torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad or sink.requires_grad):
         raise ValueError("attn_impl 'triton' has no backward; train with attn_impl 'torch'")
+
+
+def triton_gathered(
+    q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """The Triton kernel on q [B, S, H, c], kv [B, N, c], index lists idx [B, S, K] (-1 = none)
+    -> o [B, S, H, c]; kv follows q's dtype when q is bf16 / fp16, else fp32."""
     from policy.kernels.triton_sparse_attn import triton_sparse_attention
 
     kv = kv.to(q.dtype) if q.dtype in (torch.bfloat16, torch.float16) else kv.float()
     q = q if q.dtype in (torch.bfloat16, torch.float16) else q.float()
-    return triton_sparse_attention(q, kv, allowed_to_indices(allowed), sink, scale)
+    return triton_sparse_attention(q, kv, idx, sink, scale)
 
 
 def sparse_attention(
