@@ -11,11 +11,11 @@ Three callers share the same projections:
 - one decode token per row at per-row positions: keys = [W ring slots | chosen compressed],
   through ``attention_core`` (by ``cfg.attn_impl``, the torch ``sparse_attention`` or the Triton
   gathered-index kernel).
-The first two follow ``cfg.attn_path``: "blocksparse" runs ``blocksparse_attention`` on the
-timeline [W tokens before the first query (the ring in position order) | S new kv] plus the
-compressed entries, chunk by chunk, each query reading its window and its visible (HCA) or
-indexer-chosen (CSA) entries only; the indexer scores one query chunk at a time and keeps its
-top-k. "dense" (the reference) builds keys [S raw kv | N compressed] (full) or [W ring slots |
+The first two follow ``cfg.attn_path``: "blocksparse" (policy.kernels.blocksparse) runs on
+the timeline [W tokens before the first query (the ring in position order) | S new kv] plus the
+compressed entries, one query chunk at a time (queries, indexer top-k, attention and output
+projection per chunk), each query reading its window and its visible (HCA) or indexer-chosen
+(CSA, gathered) entries only. "dense" (the reference) builds keys [S raw kv | N compressed] (full) or [W ring slots |
 S new kv | N compressed] (extend) under a dense [B, S, keys] mask for ``attention_core``.
 """
 

@@ -27,7 +27,7 @@ from policy.config import V4Config
 from policy.indexer import topk_indices
 from policy.model import V4Model
 
-LENGTHS = (1, 7, 8, 9, 16, 17, 33)
+LENGTHS = (1, 8, 9, 17, 33)
 
 
 def _sorted_topk(scores, visible, k):
@@ -95,11 +95,20 @@ def _grads(layer, x, pos, weight):
     return out.detach(), x.grad, grads
 
 
+def _chunks_of_w(monkeypatch):
+    """Every query chunk one window block, every compressor chunk one block."""
+    monkeypatch.setattr(policy.kernels, "MAX_BLOCK_ELEMS", 1)
+
+
 @pytest.fixture(params=["one chunk", "chunks of W"])
 def chunking(request, monkeypatch):
-    if request.param == "chunks of W":  # every chunk is one window block
-        monkeypatch.setattr(policy.kernels, "MAX_BLOCK_ELEMS", 1)
+    if request.param == "chunks of W":
+        _chunks_of_w(monkeypatch)
     return request.param
+
+
+# model-level cases: the FP8 cache with the finest chunking only
+MODEL_CASES = [("float32", False), ("float32", True), ("fp8", True)]
 
 
 @pytest.mark.parametrize("kind", ["swa", "csa", "hca"])
@@ -135,8 +144,10 @@ def model_pair():
     return pairs
 
 
-@pytest.mark.parametrize("kv_dtype", ["float32", "fp8"])
-def test_model_logits_and_loss_gradients(model_pair, kv_dtype, chunking):
+@pytest.mark.parametrize(("kv_dtype", "fine"), MODEL_CASES)
+def test_model_logits_and_loss_gradients(model_pair, kv_dtype, fine, monkeypatch):
+    if fine:
+        _chunks_of_w(monkeypatch)
     sparse, dense = model_pair[kv_dtype]
     tol = 1e-5 if kv_dtype == "float32" else 2e-3
     ids = torch.randint(0, 512, (2, 41))
@@ -170,10 +181,12 @@ def _cache_tensors(cache):
     return out
 
 
-@pytest.mark.parametrize("kv_dtype", ["float32", "fp8"])
-def test_cached_extend_equals_dense(model_pair, kv_dtype, chunking):
+@pytest.mark.parametrize(("kv_dtype", "fine"), MODEL_CASES)
+def test_cached_extend_equals_dense(model_pair, kv_dtype, fine, monkeypatch):
     # right-padded rows of different lengths, appended at positions off the window / block
     # grid, then decode: the same logits and the same bytes in every cache store
+    if fine:
+        _chunks_of_w(monkeypatch)
     sparse, dense = model_pair[kv_dtype]
     tol = 1e-5 if kv_dtype == "float32" else 2e-3
     ids = torch.randint(0, 512, (2, 80))
