@@ -60,17 +60,19 @@ def demonstrations(
     seed: int,
     tool_fraction: float,
     run_tool: Callable[[str, dict[str, Any]], str],
+    options: dict[str, Any] | None = None,
 ) -> list[Demonstration]:
     """``n`` demonstrations of ``task_name`` on its train split (seeded); ``round(n *
     tool_fraction)`` of them call the tool. ``run_tool(name, arguments)`` returns the text the
-    tool shows (a ``dsec.tools.ToolBox`` on a sandbox, see :func:`sandbox_tool`)."""
+    tool shows (a ``dsec.tools.ToolBox`` on a sandbox, see :func:`sandbox_tool`); ``options``
+    are the task's options (``[task.options]``), so demonstrations match the RL problems."""
     from rollout.tasks import get_task
 
     if task_name != "arith_tool":
         raise ValueError(f"demonstrations exist for 'arith_tool' only, not {task_name!r}")
     if not 0.0 <= tool_fraction <= 1.0:
         raise ValueError(f"tool_fraction must be in [0, 1], got {tool_fraction!r}")
-    instances = get_task(task_name).instances("train", n, seed=seed)
+    instances = get_task(task_name, **(options or {})).instances("train", n, seed=seed)
     rng = random.Random(f"sft:{task_name}:{seed}")
     with_tool = set(rng.sample(range(n), round(n * tool_fraction)))
     out = []

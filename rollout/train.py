@@ -190,6 +190,7 @@ class Trainer:
                 seed=c.run.seed,
                 tool_fraction=c.sft.tool_fraction,
                 run_tool=sandbox_tool(sb),
+                options=c.task.options,
             )
 
     def _tokenizer_object(self) -> Any:
