@@ -22,7 +22,9 @@ def test_forward_shape_and_causality(tiny):
     ids2 = ids.clone()
     ids2[:, 30:] = (ids2[:, 30:] + 1) % 512
     logits2 = tiny(ids2)
-    torch.testing.assert_close(logits[:, :30], logits2[:, :30], rtol=0, atol=1e-5)
+    # Exactly causal; float noise only: the MoE batches tokens per expert, so changing later
+    # tokens changes the matmul sizes and their accumulation order (measured 5e-5 on AVX2).
+    torch.testing.assert_close(logits[:, :30], logits2[:, :30], rtol=0, atol=2e-4)
     assert not torch.allclose(logits[:, 30:], logits2[:, 30:])
 
 
@@ -233,5 +235,7 @@ def test_sinkhorn_split_is_bitwise_the_reference(grad):
     with torch.set_grad_enabled(grad):
         got = sinkhorn_split(mixes.requires_grad_(grad), scale, base, n, 20, 1e-6)
     want = _sinkhorn_split_reference(mixes.detach(), scale, base, n, 20, 1e-6)
+    # the same values up to one float32 ulp: vectorised sigmoid kernels round their last lane
+    # differently across CPUs (bitwise on AVX-512, one element 1 ulp off on AVX2)
     for a, b in zip(got, want, strict=True):
-        assert torch.equal(a.detach(), b)
+        torch.testing.assert_close(a.detach(), b, rtol=1.2e-7, atol=0)
