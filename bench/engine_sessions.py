@@ -11,7 +11,9 @@ stop token, so every reply has its full length. Rows:
   independent requests (prefix cache off), both decoded as one batch of 8.
 - loops: 32 concurrent agent loops (3 turns, replies of 16-64 tokens, a 5-50 ms tool pause
   between turns). Continuous batching (every loop on its own) vs static batches (all loops in
-  lockstep: a turn starts when every member finished the previous one and its pause).
+  lockstep: a turn starts when every member finished the previous one and its pause, and every
+  row is decoded until the longest reply of the turn is done). tokens/s counts the planned
+  reply tokens on both sides.
 - decode: one batch-1 decode step at 512 tokens of context vs one full forward over 512 tokens.
 
 Also reported: torch ops per decode step, where its time goes (profiler, top ops), and the KV
@@ -135,10 +137,11 @@ def loops_row(model, n, turns, repeats):
 
     async def static(eng):
         sessions = await asyncio.gather(*(eng.open(p) for p in prompts))
-        for t in range(turns):
+        for t in range(turns):  # a static batch decodes every row until its longest is done
+            longest = max(plan[i][t][0] for i in range(n))
             await asyncio.gather(
                 *(
-                    eng.generate(s, SamplingParams(max_new_tokens=plan[i][t][0], seed=i))
+                    eng.generate(s, SamplingParams(max_new_tokens=longest, seed=i))
                     for i, s in enumerate(sessions)
                 )
             )
