@@ -70,6 +70,16 @@ def _check_int(name: str, value, low: int) -> int:
     return value
 
 
+def _check_sizes(model: V4Model, max_batch, max_context) -> None:
+    _check_int("max_batch", max_batch, 1)
+    limit = model.cfg.max_position_embeddings
+    if not isinstance(max_context, int) or not 1 <= max_context <= limit:
+        raise ValueError(
+            f"max_context must be an int in [1, max_position_embeddings={limit}], "
+            f"got {max_context!r}"
+        )
+
+
 class AsyncEngine:
     """Sessions over a V4Model with continuous batching (see module doc and policy.scheduler).
 
@@ -106,13 +116,7 @@ class AsyncEngine:
         chunk: int = 256,
         on_weight_update: str = "recompute",
     ):
-        _check_int("max_batch", max_batch, 1)
-        limit = model.cfg.max_position_embeddings
-        if not isinstance(max_context, int) or not 1 <= max_context <= limit:
-            raise ValueError(
-                f"max_context must be an int in [1, max_position_embeddings={limit}], "
-                f"got {max_context!r}"
-            )
+        _check_sizes(model, max_batch, max_context)
         if kv_budget_bytes is not None:
             _check_int("kv_budget_bytes", kv_budget_bytes, 1)
         _check_int("prefix_cache_bytes", prefix_cache_bytes, 0)
@@ -246,13 +250,7 @@ class Engine:
         self.model, self.max_batch, self.max_context = model, max_batch, max_context
         self._kw = kw
         self._engine: AsyncEngine | None = None
-        _check_int("max_batch", max_batch, 1)
-        limit = model.cfg.max_position_embeddings
-        if not isinstance(max_context, int) or not 1 <= max_context <= limit:
-            raise ValueError(
-                f"max_context must be an int in [1, max_position_embeddings={limit}], "
-                f"got {max_context!r}"
-            )
+        _check_sizes(model, max_batch, max_context)
 
     def _check(self, prompts: list[list[int]], params: SamplingParams) -> None:
         if not isinstance(params, SamplingParams):

@@ -143,7 +143,6 @@ class Scheduler:
         self.on_weight_update = on_weight_update
         self.device = model.embed.weight.device
         self.batch = KVCache(self.cfg, max_batch, max_context, self.device)
-        self.batch.pos.zero_()
         self.batch_bytes = self.batch.nbytes()
         self.session_max_bytes = KVCache(self.cfg, 1, max_context, "meta", mirror=False).nbytes()
         if (
@@ -394,7 +393,6 @@ class Scheduler:
         self._reserve(new - (s.cache.nbytes() if s.cache is not None else 0), keep=(s,))
         if s.cache is None:
             s.cache = KVCache(self.cfg, 1, cap, self.device)
-            s.cache.pos.zero_()
         else:
             s.cache = clone_row(s.cache, 0, cap)
 

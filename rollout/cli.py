@@ -124,8 +124,6 @@ def _train(config: Any, run_dir: Path, resume: bool) -> dict[str, Any]:
 
 def print_train_summary(summary: dict[str, Any]) -> None:
     """The end-of-training table: held-out accuracy and tool use before and after."""
-    from rich.console import Console
-    from rich.table import Table
 
     def pair(first: Any, last: Any) -> str | None:
         return None if first is None else f"{first:.3f} -> {last:.3f}"
@@ -144,13 +142,7 @@ def print_train_summary(summary: dict[str, Any]) -> None:
             ),
         ),
     ]
-    table = Table(title="training summary", show_header=False)
-    table.add_column("metric", style="bold")
-    table.add_column("value")
-    for name, value in rows:
-        if value is not None:
-            table.add_row(name, _fmt(value))
-    Console().print(table)
+    _print_table("training summary", rows)
 
 
 def _fmt(value: Any) -> str:
@@ -159,10 +151,22 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def print_summary(summary: Any) -> None:
-    """The end-of-run table (rich; plain text when stdout is not a terminal)."""
+def _print_table(title: str, rows: list[tuple[str, Any]]) -> None:
+    """A two-column rich table of the rows whose value is not None."""
     from rich.console import Console
     from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    table.add_column("metric", style="bold")
+    table.add_column("value")
+    for name, value in rows:
+        if value is not None:
+            table.add_row(name, _fmt(value))
+    Console().print(table)
+
+
+def print_summary(summary: Any) -> None:
+    """The end-of-run table (rich; plain text when stdout is not a terminal)."""
 
     m = summary.metrics
     seconds = max(summary.elapsed_s - summary.ready_s, 1e-9)  # after the workers were ready
@@ -203,10 +207,4 @@ def print_summary(summary: Any) -> None:
             f"{summary.worker_failures} ({summary.requeued_groups})",
         ),
     ]
-    table = Table(title="rollout summary", show_header=False)
-    table.add_column("metric", style="bold")
-    table.add_column("value")
-    for name, value in rows:
-        if value is not None:
-            table.add_row(name, _fmt(value))
-    Console().print(table)
+    _print_table("rollout summary", rows)

@@ -566,15 +566,12 @@ def test_episodes_overlap_tool_calls_with_generation():
 
 @pytest.fixture(scope="module")
 def tiny_policy():
-    async_engine = getattr(policy.engine, "AsyncEngine", None)
-    if async_engine is None:
-        pytest.skip("policy.AsyncEngine is not available")
     import torch
 
     from policy import V4Config, V4Model
 
     torch.manual_seed(0)
-    return V4Model(V4Config.from_preset("tiny")).eval(), async_engine
+    return V4Model(V4Config.from_preset("tiny")).eval(), policy.engine.AsyncEngine
 
 
 def test_tiny_policy_episode_keeps_sampled_tokens(tiny_policy, sandbox):

@@ -159,16 +159,13 @@ def test_engine_backend_rejects_what_is_not_an_engine():
 
 @pytest.fixture(scope="module")
 def tiny_engine():
-    async_engine = getattr(policy.engine, "AsyncEngine", None)
-    if async_engine is None:
-        pytest.skip("policy.AsyncEngine is not available")
     import torch
 
     from policy import V4Config, V4Model
 
     torch.manual_seed(0)
     model = V4Model(V4Config.from_preset("tiny")).eval()
-    return model, async_engine
+    return model, policy.engine.AsyncEngine
 
 
 def test_engine_backend_sessions_with_the_tiny_policy(tiny_engine):
