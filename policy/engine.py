@@ -99,8 +99,9 @@ class AsyncEngine:
         on_weight_update: "recompute" or "finish" (see ``policy.scheduler``).
 
     Every method is a coroutine except ``load_weights`` and ``stats``; all are safe from any
-    thread or event loop. Cancelling an awaited ``generate`` stops it at the next step; the
-    tokens sampled so far stay in the session.
+    thread or event loop. Cancelling an awaited ``generate`` stops it at the next step and
+    returns once the session is idle: the tokens sampled so far stay in the session and
+    ``session.tokens`` no longer changes.
     """
 
     def __init__(
@@ -151,8 +152,15 @@ class AsyncEngine:
             state = session._s
         return self._sched.submit(kind, session=state, **kw)
 
-    async def _await(self, fut: Future):
-        return await asyncio.wrap_future(fut)
+    async def _await(self, fut: Future, session: Session | None = None):
+        try:
+            return await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            if session is not None:  # return only once the step loop has let go of it
+                settled = self._submit("settle", session)
+                with contextlib.suppress(SessionError, RuntimeError):
+                    await asyncio.shield(asyncio.wrap_future(settled))
+            raise
 
     @staticmethod
     def _tokens(token_ids: Sequence[int]) -> list[int]:
@@ -173,25 +181,25 @@ class AsyncEngine:
 
     async def append(self, session: Session, token_ids: Sequence[int]) -> None:
         """Append tokens (a tool result, the next user turn); only they are computed."""
-        await self._await(self._submit("append", session, tokens=self._tokens(token_ids)))
+        await self._await(self._submit("append", session, tokens=self._tokens(token_ids)), session)
 
     async def generate(self, session: Session, params: SamplingParams) -> Generation:
         """Sample up to params.max_new_tokens tokens; they are appended to the session."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
-        return await self._await(self._submit("generate", session, params=params))
+        return await self._await(self._submit("generate", session, params=params), session)
 
     async def fork(self, session: Session, n: int) -> list[Session]:
         """n new sessions sharing everything computed for ``session`` (which stays open)."""
         _check_int("n", n, 1)
-        states = await self._await(self._submit("fork", session, n=n))
+        states = await self._await(self._submit("fork", session, n=n), session)
         return [Session(self, s) for s in states]
 
     async def rollback(self, session: Session, position: int) -> None:
         """Keep only the first ``position`` tokens (e.g. drop a rejected turn). Rolling back to
         the start of one of the last generations is a copy of the window and compressor
         states; anything else recomputes from the nearest earlier point."""
-        await self._await(self._submit("rollback", session, n=position))
+        await self._await(self._submit("rollback", session, n=position), session)
 
     async def close(self, session: Session) -> None:
         """Free the session's cache; the handle becomes unusable."""

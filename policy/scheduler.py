@@ -292,6 +292,8 @@ class Scheduler:
             self._start(s, op)
         elif op.kind == "rollback":
             self._rollback(s, op)
+        elif op.kind == "settle":  # _session() has dropped a cancelled operation
+            _resolve(op.future, None)
         elif op.kind == "close":
             s.closed = True
             self._drop_cache(s)
@@ -553,6 +555,8 @@ class Scheduler:
             self._finish(op)
         elif op in self.ready:
             self.ready.remove(op)
+        if s in self.prefill:
+            self.prefill.remove(s)
         s.op = None
 
     # ------------------------------------------------------------------ rollback / weights

@@ -446,8 +446,9 @@ def _host_secret(tmp_path):
 )
 def test_hostile_output(attack, tmp_path):
     host_file, secret = _host_secret(tmp_path)
-    # A host path outside /tmp and /workspace (both exist inside a sandbox as its own mounts).
-    pwned = Path(__file__).parent / f"pwned-{secrets.token_hex(4)}"
+    # A writable host path outside /tmp and /workspace (a sandbox has its own of both), wherever
+    # the checkout lies.
+    pwned = Path("/var/tmp") / f"dsec-pwned-{secrets.token_hex(4)}"
     try:
         _hostile_episode(attack, host_file, secret, pwned)
     finally:
