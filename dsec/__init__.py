@@ -25,6 +25,7 @@ from dsec._native import (
     ExecResult,
     PathError,
     PolicyError,
+    Process,
     SandboxClosedError,
     SandboxError,
     SandboxSetupError,
@@ -34,6 +35,7 @@ __all__ = [
     "ExecResult",
     "PathError",
     "PolicyError",
+    "Process",
     "Sandbox",
     "SandboxClosedError",
     "SandboxError",
@@ -54,7 +56,10 @@ class Sandbox(_native.Sandbox):
     - ``cpu_seconds`` (None = unlimited): CPU seconds one call may use, all its processes
       together; a call that uses them is killed and reports ``signal`` SIGXCPU (each process
       also gets ``RLIMIT_CPU``).
-    - ``cpus`` (1.0): CPU bandwidth of the whole sandbox, in CPUs (cgroup cpu quota).
+    - ``cpus`` (1.0): CPU bandwidth of the whole sandbox, in CPUs: the cgroup cpu quota
+      (``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` on v1, ``cpu.max`` on v2), background
+      processes included; ``limits["cpu_bandwidth_enforced"]`` says whether the host has a
+      cpu controller to enforce it.
     - ``uid_range`` ((1800000000, 65536)): host uids sandboxes map to; each live sandbox
       holds one of its own (per-user kernel budgets are not shared), reused after close.
     - ``timeout`` (30.0): default wall-clock limit of a call, seconds.
@@ -69,7 +74,8 @@ class Sandbox(_native.Sandbox):
     - ``env`` (None): extra environment variables (dict of str to str).
     - ``require_landlock`` (True): refuse to start when the kernel cannot enforce landlock.
 
-    Use as a context manager or call :meth:`close`. Thread-safe: calls on one sandbox are
+    :meth:`spawn` starts a background :class:`Process` (a server, a watcher) that outlives the
+    call; it dies with the sandbox. Use as a context manager or call :meth:`close`. Thread-safe: calls on one sandbox are
     serialised, different sandboxes run in parallel; the GIL is released while waiting.
     """
 

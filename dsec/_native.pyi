@@ -88,6 +88,8 @@ class Sandbox:
         image: str | PathLike[str] | None = None,
         env: dict[str, str] | None = None,
         require_landlock: bool | None = None,
+        cpus: float | None = None,
+        uid_range: tuple[int, int] | None = None,
     ) -> Sandbox: ...
     def exec(
         self,
@@ -108,10 +110,26 @@ class Sandbox:
         """Reads a regular file beneath the sandbox root (relative paths: beneath /workspace).
         The file streams in 1 MiB chunks (the sandbox never holds it whole); PathError names
         the size when it is larger than ``max_bytes`` (default and at most 1 GiB)."""
-    def write_file(self, path: str | PathLike[str], data: bytes | bytearray | str) -> None:
+    def write_file(
+        self, path: str | PathLike[str], data: bytes | bytearray | str, *, parents: bool = False
+    ) -> None:
         """Creates or replaces a regular file beneath the sandbox root, streamed in 1 MiB
         chunks; PathError when the path escapes the root, is read-only, its directory does
-        not exist, or the data does not fit its mount (the error names the limit)."""
+        not exist (``parents=True`` creates missing directories, mode 0755, each resolved
+        beneath the root like the file), or the data does not fit its mount (the error
+        names the limit)."""
+    def spawn(
+        self,
+        cmd: str | list[str] | tuple[str, ...],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> Process:
+        """Starts `cmd` in the background (str: via /bin/sh -c) and returns at once. It runs
+        with the confinement of `exec` and inside the sandbox's memory, pids and CPU limits
+        (each process also gets RLIMIT_CPU = cpu_seconds; there is no timeout), until it
+        exits, is killed, or the sandbox closes. stdin is /dev/null; output is kept in the
+        sandbox (its memory) until read, at most disk_bytes per stream over its life."""
     def close(self) -> None:
         """Kills every process of the sandbox and removes its mounts and cgroup. Idempotent."""
     @property
@@ -124,6 +142,43 @@ class Sandbox:
         """The effective limits."""
     def __enter__(self) -> Sandbox: ...
     def __exit__(self, *args: object) -> bool: ...
+
+@final
+class Process:
+    """A background process started by `Sandbox.spawn`. When it exits, everything it started
+    is killed with it (its own pid namespace); all of them die with the sandbox. Methods
+    other than the properties ask the sandbox, and raise SandboxClosedError once it closed.
+    """
+
+    def poll(self) -> int | None:
+        """None while it runs, else its return code (exit status, or -signal)."""
+    def wait(self, timeout: float | None = None) -> int:
+        """Waits until it exits; returns its return code. TimeoutError after `timeout`
+        seconds (it keeps running). Other calls on the sandbox proceed meanwhile."""
+    def kill(self) -> None:
+        """SIGKILLs it and everything it started; returns once they are gone. No-op once it
+        exited. Output written so far stays readable."""
+    def read_stdout(self, max_bytes: int | None = None) -> bytes:
+        """Stdout written since the last read, at most `max_bytes` (default
+        max_output_bytes); b"" when there is nothing new. Does not wait."""
+    def read_stderr(self, max_bytes: int | None = None) -> bytes:
+        """Like read_stdout, for stderr."""
+    @property
+    def returncode(self) -> int | None:
+        """Return code as last seen by poll/wait/kill, else None."""
+    @property
+    def exit_code(self) -> int | None: ...
+    @property
+    def signal(self) -> int | None:
+        """Signal that ended it (9 after kill()), else None."""
+    @property
+    def cpu_time(self) -> float | None:
+        """CPU seconds of the processes it waited for, once it exited."""
+    @property
+    def args(self) -> list[str]: ...
+    @property
+    def id(self) -> int:
+        """Its id within the sandbox."""
 
 def check() -> dict[str, Any]:
     """Probes which isolation features this kernel enforces (creates one real sandbox)."""

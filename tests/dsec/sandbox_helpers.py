@@ -187,6 +187,49 @@ class Background:
         return self.result
 
 
+# ---------------------------------------------------------------- cgroups
+
+
+def cgroup_mounts() -> dict[str, str]:
+    """controller name (or "unified") -> mount point, from the host's mountinfo."""
+    out = {}
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        pre, _, post = line.partition(" - ")
+        fstype, _source, options = post.split()[:3]
+        point = pre.split()[4]
+        if fstype == "cgroup2":
+            out["unified"] = point
+        elif fstype == "cgroup":
+            for opt in options.split(","):
+                out.setdefault(opt, point)
+    return out
+
+
+def cgroups_of(pid: int) -> dict[str, str]:
+    """controller (or "unified") -> the pid's cgroup path, host view."""
+    out = {}
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for c in controllers.split(",") if controllers else ["unified"]:
+            out[c] = path
+    return out
+
+
+def sandbox_cgroups() -> list[Path]:
+    """The cgroup directories of this process's live sandboxes (named dsec-<pid>-<n>), in every
+    hierarchy that holds them: what a leak test counts."""
+    mounts, paths = cgroup_mounts(), cgroups_of(os.getpid())
+    found: list[Path] = []
+    for ctrl in ("memory", "pids", "cpu", "unified"):
+        if ctrl not in mounts or ctrl not in paths:
+            continue
+        base = Path(mounts[ctrl]) / paths[ctrl].lstrip("/")
+        if base.name == "dsec-host":  # cgroup v2: the caller moved into a leaf of its own
+            base = base.parent
+        found.extend(base.glob(f"dsec-{os.getpid()}-*"))
+    return sorted(set(found))
+
+
 # ---------------------------------------------------------------- syscall probes
 
 TRY_SYSCALLS = (PROGRAMS / "try_syscalls.py").read_bytes()

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from sandbox_helpers import (
     Background,
+    cgroup_mounts,
+    cgroups_of,
     cmdline,
     descendants,
     describe,
@@ -26,31 +28,6 @@ from sandbox_helpers import (
 )
 
 # ------------------------------------------------------------------------- 29 cgroups
-
-
-def cgroup_mounts() -> dict[str, str]:
-    """controller name (or "unified") -> mount point, from the host's mountinfo."""
-    out = {}
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        pre, _, post = line.partition(" - ")
-        fstype, _source, options = post.split()[:3]
-        point = pre.split()[4]
-        if fstype == "cgroup2":
-            out["unified"] = point
-        elif fstype == "cgroup":
-            for opt in options.split(","):
-                out.setdefault(opt, point)
-    return out
-
-
-def cgroups_of(pid: int) -> dict[str, str]:
-    """controller (or "unified") -> the pid's cgroup path, host view."""
-    out = {}
-    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        for c in controllers.split(",") if controllers else ["unified"]:
-            out[c] = path
-    return out
 
 
 def nearest_limit(pid: int, controller: str, v1_file: str, v2_file: str) -> tuple[int, Path]:

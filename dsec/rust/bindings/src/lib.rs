@@ -6,7 +6,7 @@
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 use dsec_core::check as probe;
-use dsec_core::host::{ExecOutput, ExecRequest, InitImage, Sandbox};
+use dsec_core::host::{ExecOutput, ExecRequest, InitImage, ProcessState, Sandbox};
 use dsec_core::{Error, Policy};
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
@@ -316,6 +316,28 @@ fn path_arg(o: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
     Ok(b)
 }
 
+/// argv of a `cmd` argument: a str runs through /bin/sh -c, a list or tuple of str is argv.
+fn argv_arg(py: Python<'_>, cmd: &Bound<'_, PyAny>) -> PyResult<Vec<Vec<u8>>> {
+    let argv: Vec<Vec<u8>> = if cmd.is_instance_of::<PyString>() {
+        vec![b"/bin/sh".to_vec(), b"-c".to_vec(), utf8(py, "cmd", cmd)?]
+    } else if cmd.is_instance_of::<PyList>() || cmd.is_instance_of::<PyTuple>() {
+        let mut v = Vec::new();
+        for (i, a) in cmd.try_iter()?.enumerate() {
+            v.push(utf8(py, &format!("cmd[{i}]"), &a?)?);
+        }
+        if v.is_empty() {
+            return Err(policy_err(py, "cmd must not be an empty list".into()));
+        }
+        v
+    } else {
+        return Err(policy_err(
+            py,
+            format!("cmd must be a str or a list of str, got {}", type_name(cmd)),
+        ));
+    };
+    Ok(argv)
+}
+
 /// The result of one `exec` or `run_python` call. A failing program is data, not an error.
 #[pyclass(frozen, module = "dsec._native", name = "ExecResult")]
 struct PyExecResult {
@@ -517,23 +539,7 @@ impl PySandbox {
         env: Option<&Bound<'_, PyAny>>,
         cwd: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<PyExecResult> {
-        let argv = if cmd.is_instance_of::<PyString>() {
-            vec![b"/bin/sh".to_vec(), b"-c".to_vec(), utf8(py, "cmd", cmd)?]
-        } else if cmd.is_instance_of::<PyList>() || cmd.is_instance_of::<PyTuple>() {
-            let mut v = Vec::new();
-            for (i, a) in cmd.try_iter()?.enumerate() {
-                v.push(utf8(py, &format!("cmd[{i}]"), &a?)?);
-            }
-            if v.is_empty() {
-                return Err(policy_err(py, "cmd must not be an empty list".into()));
-            }
-            v
-        } else {
-            return Err(policy_err(
-                py,
-                format!("cmd must be a str or a list of str, got {}", type_name(cmd)),
-            ));
-        };
+        let argv = argv_arg(py, cmd)?;
         let req = ExecRequest {
             argv,
             env: env_arg(py, env)?,
@@ -583,17 +589,61 @@ impl PySandbox {
         Ok(PyBytes::new(py, &data))
     }
 
-    /// Creates or replaces a regular file beneath the sandbox root.
+    /// Creates or replaces a regular file beneath the sandbox root (`parents`: creating
+    /// missing directories above it).
+    #[pyo3(signature = (path, data, *, parents=None))]
     fn write_file(
         &self,
         py: Python<'_>,
         path: &Bound<'_, PyAny>,
         data: &Bound<'_, PyAny>,
+        parents: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         let p = path_arg(path)?;
         let d = data_arg(py, "data", data)?;
+        let parents = match parents {
+            None => false,
+            Some(o) => o
+                .cast::<pyo3::types::PyBool>()
+                .map(|b| b.is_true())
+                .map_err(|_| policy_err(py, format!("parents must be a bool, got {}", repr(o))))?,
+        };
         let sb = self.inner.clone();
-        blocking(py, move || sb.write_file(&p, &d))
+        blocking(py, move || sb.write_file(&p, &d, parents))
+    }
+
+    /// Starts `cmd` in the background and returns its `Process` at once.
+    #[pyo3(signature = (cmd, *, env=None, cwd=None))]
+    fn spawn(
+        &self,
+        py: Python<'_>,
+        cmd: &Bound<'_, PyAny>,
+        env: Option<&Bound<'_, PyAny>>,
+        cwd: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<PyProcess> {
+        let req = ExecRequest {
+            argv: argv_arg(py, cmd)?,
+            env: env_arg(py, env)?,
+            cwd: cwd
+                .filter(|c| !c.is_none())
+                .map(|c| utf8(py, "cwd", c))
+                .transpose()?,
+            stdin: None,
+            timeout: None,
+        };
+        let args: Vec<String> = req
+            .argv
+            .iter()
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let sb = self.inner.clone();
+        let id = blocking(py, move || sb.spawn(&req))?;
+        Ok(PyProcess {
+            sandbox: self.inner.clone(),
+            id,
+            args,
+            state: Mutex::new(ProcCache::default()),
+        })
     }
 
     /// Closes the sandbox: every process in it is killed, its mounts and cgroup disappear.
@@ -665,6 +715,188 @@ impl PySandbox {
     }
 }
 
+/// What the host knows of a background process once it exited.
+#[derive(Default)]
+struct ProcCache {
+    /// `(exit_code, signal, cpu_time)` once it exited.
+    done: Option<(Option<i32>, Option<i32>, f64)>,
+    /// The sandbox forgot it (exited, all output read): no more requests.
+    drained: bool,
+    /// Output fetched by poll/wait but not yet handed out by read_stdout/read_stderr.
+    pending: [Vec<u8>; 2],
+}
+
+/// A background process started by `Sandbox.spawn`.
+#[pyclass(frozen, module = "dsec._native", name = "Process")]
+struct PyProcess {
+    sandbox: Arc<Sandbox>,
+    id: u32,
+    args: Vec<String>,
+    state: Mutex<ProcCache>,
+}
+
+impl PyProcess {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ProcCache> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn record(&self, s: &ProcessState) {
+        let mut c = self.lock();
+        if !s.running {
+            c.done = Some((s.exit_code, s.signal, s.cpu_time));
+        }
+        c.drained |= s.drained;
+        c.pending[0].extend_from_slice(&s.stdout);
+        c.pending[1].extend_from_slice(&s.stderr);
+    }
+
+    /// One request (`kill`: SIGKILL first) reading at most `max` bytes of each stream,
+    /// unless the sandbox already forgot the process.
+    fn request(&self, py: Python<'_>, kill: bool, max: [u64; 2]) -> PyResult<()> {
+        if self.lock().drained {
+            return Ok(());
+        }
+        let (sb, id) = (self.sandbox.clone(), self.id);
+        let s = blocking(py, move || sb.process(id, kill, max[0], max[1]))?;
+        self.record(&s);
+        Ok(())
+    }
+
+    fn returncode_of(c: &ProcCache) -> Option<i32> {
+        c.done
+            .map(|(code, sig, _)| code.unwrap_or(-sig.unwrap_or(0)))
+    }
+
+    fn read(
+        &self,
+        py: Python<'_>,
+        stream: usize,
+        max: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<PyBytes>> {
+        let max = int_arg(py, "max_bytes", max)?.unwrap_or(self.sandbox.policy().max_output_bytes);
+        let have = self.lock().pending[stream].len() as u64;
+        if have < max {
+            let mut want = [0, 0];
+            want[stream] = max - have;
+            self.request(py, false, want)?;
+        }
+        let mut c = self.lock();
+        let buf = &mut c.pending[stream];
+        let n = buf.len().min(usize::try_from(max).unwrap_or(usize::MAX));
+        let out: Vec<u8> = buf.drain(..n).collect();
+        Ok(PyBytes::new(py, &out).unbind())
+    }
+}
+
+#[pymethods]
+impl PyProcess {
+    /// None while it runs, else its return code (exit status, or minus the signal number).
+    fn poll(&self, py: Python<'_>) -> PyResult<Option<i32>> {
+        if self.lock().done.is_none() {
+            self.request(py, false, [0, 0])?;
+        }
+        Ok(Self::returncode_of(&self.lock()))
+    }
+
+    /// Waits until it exits and returns its return code; TimeoutError after `timeout`
+    /// seconds (it keeps running). The sandbox serves other calls meanwhile.
+    #[pyo3(signature = (timeout=None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<&Bound<'_, PyAny>>) -> PyResult<i32> {
+        let t = float_arg(py, "timeout", timeout)?;
+        if let Some(rc) = Self::returncode_of(&self.lock()) {
+            return Ok(rc);
+        }
+        let (sb, id) = (self.sandbox.clone(), self.id);
+        let s = interruptible(py, move |stop| sb.wait_process(id, t, stop))?;
+        match s {
+            Some(s) => {
+                self.record(&s);
+                Ok(Self::returncode_of(&self.lock()).unwrap_or(0))
+            }
+            None => Err(pyo3::exceptions::PyTimeoutError::new_err(format!(
+                "process {} did not exit within {} s",
+                self.id,
+                t.unwrap_or(0.0)
+            ))),
+        }
+    }
+
+    /// SIGKILLs it and everything it started; returns once they are gone. No-op once it
+    /// exited. Its output so far stays readable.
+    fn kill(&self, py: Python<'_>) -> PyResult<()> {
+        if self.lock().done.is_none() {
+            self.request(py, true, [0, 0])?;
+        }
+        Ok(())
+    }
+
+    /// Output written to stdout since the last read (at most `max_bytes`, default
+    /// `max_output_bytes`); b"" when there is none yet. Does not wait.
+    #[pyo3(signature = (max_bytes=None))]
+    fn read_stdout(
+        &self,
+        py: Python<'_>,
+        max_bytes: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<PyBytes>> {
+        self.read(py, 0, max_bytes)
+    }
+
+    /// Like `read_stdout`, for stderr.
+    #[pyo3(signature = (max_bytes=None))]
+    fn read_stderr(
+        &self,
+        py: Python<'_>,
+        max_bytes: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<PyBytes>> {
+        self.read(py, 1, max_bytes)
+    }
+
+    /// Return code once it exited (as last seen by poll/wait/kill), else None.
+    #[getter]
+    fn returncode(&self) -> Option<i32> {
+        Self::returncode_of(&self.lock())
+    }
+
+    /// Exit status once it exited normally, else None.
+    #[getter]
+    fn exit_code(&self) -> Option<i32> {
+        self.lock().done.and_then(|d| d.0)
+    }
+
+    /// Signal that ended it (9 after kill()), else None.
+    #[getter]
+    fn signal(&self) -> Option<i32> {
+        self.lock().done.and_then(|d| d.1)
+    }
+
+    /// CPU seconds of its whole tree, once it exited (else None).
+    #[getter]
+    fn cpu_time(&self) -> Option<f64> {
+        self.lock().done.map(|d| d.2)
+    }
+
+    /// The argv it was started with.
+    #[getter]
+    fn args(&self) -> Vec<String> {
+        self.args.clone()
+    }
+
+    /// Its id within the sandbox.
+    #[getter]
+    fn id(&self) -> u32 {
+        self.id
+    }
+
+    fn __repr__(&self) -> String {
+        let c = self.lock();
+        let state = match Self::returncode_of(&c) {
+            None => "running".to_string(),
+            Some(rc) => format!("returncode={rc}"),
+        };
+        format!("<dsec.Process {} {:?} {state}>", self.id, self.args)
+    }
+}
+
 /// Probes which isolation features this kernel enforces (creates one real sandbox).
 #[pyfunction]
 fn check(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
@@ -710,6 +942,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("PolicyError", policy_error_type(py)?)?;
     m.add_class::<PySandbox>()?;
     m.add_class::<PyExecResult>()?;
+    m.add_class::<PyProcess>()?;
     m.add_function(wrap_pyfunction!(check, m)?)?;
     m.add("INIT_BINARY_BYTES", INIT.len())?;
     Ok(())

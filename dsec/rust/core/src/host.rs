@@ -282,6 +282,34 @@ pub struct ExecOutput {
     pub peak_memory: u64,
 }
 
+/// `(exit_code, signal)` of a raw wait status; `None` (killed before it reported) is SIGKILL.
+fn decode_status(status: Option<i32>) -> (Option<i32>, Option<i32>) {
+    match status {
+        None => (None, Some(libc::SIGKILL)),
+        Some(s) if libc::WIFEXITED(s) => (Some(libc::WEXITSTATUS(s)), None),
+        Some(s) if libc::WIFSIGNALED(s) => (None, Some(libc::WTERMSIG(s))),
+        Some(_) => (None, None),
+    }
+}
+
+/// What one poll of a background process found.
+#[derive(Clone, Debug, Default)]
+pub struct ProcessState {
+    pub running: bool,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    /// Output written since the previous read (at most the requested bytes).
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    /// Bytes written to each stream so far.
+    pub stdout_total: u64,
+    pub stderr_total: u64,
+    /// CPU seconds of its tree, once it exited.
+    pub cpu_time: f64,
+    /// It exited and all of its output was read: the sandbox forgot it.
+    pub drained: bool,
+}
+
 /// What the host measured around one call.
 #[derive(Default)]
 struct CallStats {
@@ -593,6 +621,13 @@ impl Sandbox {
     /// returns true the call is cancelled inside the sandbox (its whole tree is killed) and
     /// `Error::Interrupted` is returned. The sandbox stays usable.
     pub fn exec_with(&self, req: &ExecRequest, interrupt: Interrupt<'_>) -> Result<ExecOutput> {
+        let timeout = self.timeout(req.timeout)?;
+        let body = self.encode_exec(tag::EXEC, req, timeout)?;
+        self.result(&body, timeout, interrupt)
+    }
+
+    /// Validates an exec or spawn request and encodes it.
+    fn encode_exec(&self, t: u8, req: &ExecRequest, timeout: f64) -> Result<Vec<u8>> {
         if req.argv.is_empty() {
             return Err(Error::Policy("cmd must not be empty".into()));
         }
@@ -618,9 +653,8 @@ impl Sandbox {
             Some(c) if c[0] == b'/' => c.clone(),
             Some(c) => [&b"/workspace/"[..], c].concat(),
         };
-        let timeout = self.timeout(req.timeout)?;
         check_payload("stdin", req.stdin.as_ref().map_or(0, Vec::len))?;
-        let mut e = Enc::new(tag::EXEC);
+        let mut e = Enc::new(t);
         e.list(&req.argv)
             .list(&self.policy.environment(&req.env))
             .bytes(&cwd);
@@ -628,7 +662,111 @@ impl Sandbox {
             .u64((timeout * 1e3).ceil() as u64);
         e.u64(self.policy.max_output_bytes)
             .u64(self.policy.cpu_seconds.unwrap_or(0));
-        self.result(&e.0, timeout, interrupt)
+        Ok(e.0)
+    }
+
+    /// Starts a background process (see `init::procs`): it runs until it exits, is killed or
+    /// the sandbox closes, with the sandbox's confinement and inside its limits (each process
+    /// also gets `RLIMIT_CPU` = `cpu_seconds`). stdin is /dev/null. Returns its id.
+    pub fn spawn(&self, req: &ExecRequest) -> Result<u32> {
+        if req.stdin.is_some() {
+            return Err(Error::Policy(
+                "stdin is not supported by spawn (a background process reads /dev/null)".into(),
+            ));
+        }
+        let body = self.encode_exec(tag::SPAWN, req, 0.0)?;
+        let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+        self.exchange(|sock| {
+            wire::write_frame(sock, &body)?;
+            let resp = wire::read_frame(sock)?.ok_or_else(|| bad("end of stream".into()))?;
+            let mut d = Dec::new(&resp);
+            match d.u8()? {
+                tag::OK => Ok(Ok(d.u32()?)),
+                tag::ERROR => Ok(Err(wire::decode_error(&mut d))),
+                t => Err(bad(format!("unexpected frame {t}"))),
+            }
+        })?
+    }
+
+    /// Polls (`kill`: first SIGKILLs the tree of) background process `id` and reads at most
+    /// `max_stdout`/`max_stderr` new bytes of its output.
+    pub fn process(
+        &self,
+        id: u32,
+        kill: bool,
+        max_stdout: u64,
+        max_stderr: u64,
+    ) -> Result<ProcessState> {
+        for (n, v) in [("max_stdout", max_stdout), ("max_stderr", max_stderr)] {
+            if v > MAX_READ {
+                return Err(Error::Policy(format!(
+                    "{n} must be at most {MAX_READ}, got {v}"
+                )));
+            }
+        }
+        let mut e = Enc::new(tag::PROC_OP);
+        e.u32(id).u8(u8::from(kill)).u64(max_stdout).u64(max_stderr);
+        let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+        self.exchange(|sock| {
+            wire::write_frame(sock, &e.0)?;
+            let resp = wire::read_frame(sock)?.ok_or_else(|| bad("end of stream".into()))?;
+            let mut d = Dec::new(&resp);
+            match d.u8()? {
+                tag::PROC => {}
+                tag::ERROR => return Ok(Err(wire::decode_error(&mut d))),
+                t => return Err(bad(format!("unexpected frame {t}"))),
+            }
+            let running = d.u8()? != 0;
+            let has = d.u8()? != 0;
+            let status = d.i64()? as i32;
+            let mut s = ProcessState {
+                running,
+                stdout: d.bytes()?,
+                stderr: d.bytes()?,
+                stdout_total: d.u64()?,
+                stderr_total: d.u64()?,
+                cpu_time: f64::from_bits(d.u64()?),
+                drained: d.u8()? != 0,
+                ..Default::default()
+            };
+            if !running {
+                (s.exit_code, s.signal) = decode_status(has.then_some(status));
+            }
+            Ok(Ok(s))
+        })?
+    }
+
+    /// Waits for background process `id` to exit, at most `timeout` seconds (None: no limit),
+    /// polling with a growing pause (1 ms to 50 ms) and without holding the sandbox between
+    /// polls. Returns its final state, or `None` on timeout. `interrupt` as in
+    /// [`Sandbox::exec_with`] (returns `Error::Interrupted`; the process keeps running).
+    pub fn wait_process(
+        &self,
+        id: u32,
+        timeout: Option<f64>,
+        interrupt: Interrupt<'_>,
+    ) -> Result<Option<ProcessState>> {
+        if let Some(t) = timeout {
+            check_timeout("timeout", t)?;
+        }
+        let end = timeout.map(|t| crate::sys::now() + t);
+        let mut pause = 0.001;
+        loop {
+            let s = self.process(id, false, 0, 0)?;
+            if !s.running {
+                return Ok(Some(s));
+            }
+            let now = crate::sys::now();
+            if end.is_some_and(|e| now >= e) {
+                return Ok(None);
+            }
+            if interrupt() {
+                return Err(Error::Interrupted);
+            }
+            let left = end.map_or(pause, |e| (e - now).max(0.0));
+            std::thread::sleep(Duration::from_secs_f64(pause.min(left)));
+            pause = (pause * 2.0).min(0.05);
+        }
     }
 
     /// Runs Python code in the sandbox's warm interpreter (a fork per call).
@@ -685,12 +823,8 @@ impl Sandbox {
         if stats.cpu_exceeded {
             o.exit_code = None;
             o.signal = Some(libc::SIGXCPU);
-        } else if !has {
-            o.signal = Some(libc::SIGKILL);
-        } else if libc::WIFEXITED(status) {
-            o.exit_code = Some(libc::WEXITSTATUS(status));
-        } else if libc::WIFSIGNALED(status) {
-            o.signal = Some(libc::WTERMSIG(status));
+        } else {
+            (o.exit_code, o.signal) = decode_status(has.then_some(status));
         }
         Ok(o)
     }
@@ -763,12 +897,13 @@ impl Sandbox {
     }
 
     /// Creates or replaces a regular file beneath the sandbox root. The data streams in
-    /// chunks; what does not fit the mount is a `Path` error naming the limit.
-    pub fn write_file(&self, path: &[u8], data: &[u8]) -> Result<()> {
+    /// chunks; what does not fit the mount is a `Path` error naming the limit. With
+    /// `parents`, missing directories above it are created first (mode 0755).
+    pub fn write_file(&self, path: &[u8], data: &[u8], parents: bool) -> Result<()> {
         check_path(path)?;
         check_payload("data", data.len())?;
         let mut e = Enc::new(tag::WRITE);
-        e.bytes(path).u64(data.len() as u64);
+        e.bytes(path).u64(data.len() as u64).u8(u8::from(parents));
         let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
         let answer = |sock: &mut UnixStream| -> std::io::Result<Result<()>> {
             let body = wire::read_frame(sock)?.ok_or_else(|| bad("end of stream".into()))?;

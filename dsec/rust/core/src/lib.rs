@@ -19,5 +19,5 @@ pub mod sys;
 pub mod wire;
 
 pub use error::{Error, Result};
-pub use host::{ExecOutput, ExecRequest, Sandbox};
+pub use host::{ExecOutput, ExecRequest, ProcessState, Sandbox};
 pub use policy::Policy;

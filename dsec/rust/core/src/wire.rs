@@ -157,10 +157,15 @@ pub mod tag {
     pub const WRITE: u8 = 5;
     /// Cancels the call in flight (sent by the host while it waits; never answered).
     pub const CANCEL: u8 = 6;
+    /// Starts a background process; answered by OK with its id (u32).
+    pub const SPAWN: u8 = 7;
+    /// Polls, reads or kills a background process (`init::procs::op`); answered by PROC.
+    pub const PROC_OP: u8 = 8;
     pub const READY: u8 = 0x81;
     pub const RESULT: u8 = 0x82;
     pub const DATA: u8 = 0x83;
     pub const OK: u8 = 0x84;
+    pub const PROC: u8 = 0x85;
     pub const ERROR: u8 = 0x8f;
 }
 

@@ -154,7 +154,7 @@ fn output_is_bounded() {
 
 fn files_and_python() {
     let sb = sandbox(Policy::default());
-    sb.write_file(b"a.txt", b"data").unwrap();
+    sb.write_file(b"a.txt", b"data", false).unwrap();
     assert_eq!(sh(&sb, "cat /workspace/a.txt", None).stdout, b"data");
     sh(
         &sb,
@@ -171,7 +171,31 @@ fn files_and_python() {
         sb.read_file(b"up/etc/hostname", None),
         Err(Error::Path(_))
     ));
-    assert!(matches!(sb.write_file(b"/usr/x", b""), Err(Error::Path(_))));
+    assert!(matches!(
+        sb.write_file(b"/usr/x", b"", false),
+        Err(Error::Path(_))
+    ));
+    // parents: directories made beneath the root only, never through an escaping link.
+    assert!(matches!(
+        sb.write_file(b"d/e/f.txt", b"x", false),
+        Err(Error::Path(_))
+    ));
+    sb.write_file(b"d/e/f.txt", b"deep", true).unwrap();
+    sb.write_file(b"/tmp/g//h/./i.txt", b"t", true).unwrap();
+    assert_eq!(
+        sb.read_file(b"/workspace/d/e/f.txt", None).unwrap(),
+        b"deep"
+    );
+    assert_eq!(sb.read_file(b"/tmp/g/h/i.txt", None).unwrap(), b"t");
+    sh(&sb, "ln -s /etc /workspace/etc_link", None);
+    for p in [&b"up/x/y.txt"[..], b"etc_link/x/y.txt", b"../x/y.txt"] {
+        let r = sb.write_file(p, b"", true);
+        assert!(matches!(r, Err(Error::Path(_))), "{r:?}");
+    }
+    assert!(matches!(
+        sb.write_file(b"/usr/newdir/x", b"", true),
+        Err(Error::Path(_))
+    ));
     assert!(matches!(
         sb.read_file(b"/proc/1/environ", None),
         Err(Error::Path(_))
@@ -205,6 +229,42 @@ fn files_and_python() {
     ));
 }
 
+fn spawn_background() {
+    let sb = sandbox(Policy::default());
+    let req = |cmd: &str| ExecRequest {
+        argv: vec![b"/bin/sh".to_vec(), b"-c".to_vec(), cmd.as_bytes().to_vec()],
+        ..Default::default()
+    };
+    // Outlives the call that started it; output is read incrementally.
+    let id = sb
+        .spawn(&req(
+            "echo start; while [ ! -e /tmp/go ]; do sleep 0.01; done; echo end >&2; exit 3",
+        ))
+        .unwrap();
+    let mut out = Vec::new();
+    while out != b"start\n" {
+        let s = sb.process(id, false, 1 << 20, 1 << 20).unwrap();
+        assert!(s.running);
+        out.extend(s.stdout);
+    }
+    sh(&sb, "touch /tmp/go", None);
+    let s = sb.wait_process(id, Some(20.0), &|| false).unwrap().unwrap();
+    assert_eq!((s.running, s.exit_code, s.signal), (false, Some(3), None));
+    let s = sb.process(id, false, 1 << 20, 1 << 20).unwrap();
+    assert_eq!((s.stderr.as_slice(), s.drained), (&b"end\n"[..], true));
+    assert!(matches!(sb.process(id, false, 0, 0), Err(Error::Policy(_))));
+    // kill() ends the whole tree; a wait that times out says so.
+    let id = sb.spawn(&req("sleep 100 & sleep 100")).unwrap();
+    assert!(sb
+        .wait_process(id, Some(0.05), &|| false)
+        .unwrap()
+        .is_none());
+    let s = sb.process(id, true, 0, 0).unwrap();
+    assert_eq!((s.running, s.signal), (false, Some(libc::SIGKILL)));
+    let o = sh(&sb, "ps -e -o comm= 2>/dev/null | grep -c sleep", None);
+    assert_eq!(o.stdout, b"0\n", "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 fn main() {
     if std::env::var_os("DSEC_TEST_INIT").is_some() {
         std::process::exit(dsec_core::init::main());
@@ -214,12 +274,13 @@ fn main() {
         println!("sandbox tests skipped: they need root");
         return;
     }
-    let tests: [(&str, fn()); 5] = [
+    let tests: [(&str, fn()); 6] = [
         ("exec_basics", exec_basics),
         ("posture", posture),
         ("timeout_kills_tree", timeout_kills_tree),
         ("output_is_bounded", output_is_bounded),
         ("files_and_python", files_and_python),
+        ("spawn_background", spawn_background),
     ];
     for (name, f) in tests {
         f();

@@ -178,37 +178,39 @@ fn spawn_command(args: &ChildArgs<'_>) -> libc::pid_t {
     }
 }
 
-/// Runs one exec call.
-pub fn run(job: &Job, conf: &Confinement, ctrl: RawFd, devnull: RawFd) -> Result<Outcome, String> {
+/// Clones the reaper of a call into a fresh pid namespace (pid 1 there); it starts the
+/// command with `fds` as its stdin, stdout and stderr and reports the command's wait status
+/// on the returned pipe, then exits. In the reaper, `drop` are closed first and its copies of
+/// `fds` once the command started (stdin only when it is not `devnull`). Returns the
+/// reaper's pid and the read end of the status pipe; the init keeps its own `fds`.
+pub fn start_reaper(
+    job: &Job,
+    conf: &Confinement,
+    fds: [RawFd; 3],
+    devnull: RawFd,
+    drop: &[RawFd],
+) -> Result<(libc::pid_t, RawFd), String> {
     let io = |e: std::io::Error| format!("exec setup: {e}");
-    let (out_r, out_w) = pipe().map_err(io)?;
-    let (err_r, err_w) = pipe().map_err(io)?;
-    let (in_r, in_w) = match job.stdin {
-        Some(_) => {
-            let (r, w) = pipe().map_err(io)?;
-            (r, w)
-        }
-        None => (devnull, -1),
-    };
     let (sr, sw) = pipe().map_err(io)?;
-    let reaper = clone_fork(libc::CLONE_NEWPID).map_err(io)?;
+    let reaper = match clone_fork(libc::CLONE_NEWPID) {
+        Ok(p) => p,
+        Err(e) => {
+            close(sr);
+            close(sw);
+            return Err(io(e));
+        }
+    };
     if reaper == 0 {
         // Reaper: pid 1 of the call's pid namespace.
-        for fd in [out_r, err_r, in_w, sr, ctrl] {
+        for &fd in drop.iter().chain([&sr]) {
             close(fd);
         }
-        let args = ChildArgs {
-            job,
-            conf,
-            fds: [in_r, out_w, err_w],
-            sw,
-        };
+        let args = ChildArgs { job, conf, fds, sw };
         let cmd = spawn_command(&args);
-        for fd in [out_w, err_w] {
-            close(fd);
-        }
-        if in_r != devnull {
-            close(in_r);
+        close(fds[1]);
+        close(fds[2]);
+        if fds[0] != devnull {
+            close(fds[0]);
         }
         if cmd < 0 {
             report_setup_error(sw, &format!("fork: {}", std::io::Error::last_os_error()));
@@ -232,12 +234,61 @@ pub fn run(job: &Job, conf: &Confinement, ctrl: RawFd, devnull: RawFd) -> Result
             }
         }
     }
-    for fd in [out_w, err_w, sw] {
+    close(sw);
+    Ok((reaper, sr))
+}
+
+/// Reads what the reaper reported once it exited: `Err` if the command could not be
+/// confined, else its wait status (`None`: killed before it reported).
+pub fn reaper_report(sr: RawFd) -> Result<Option<i32>, String> {
+    let report = read_all(sr);
+    let (err, status) = parse_status(&report);
+    match err {
+        Some(m) => Err(format!("cannot confine the command: {m}")),
+        None => Ok(status),
+    }
+}
+
+/// User + system CPU seconds of a rusage.
+pub fn cpu_seconds(ru: &libc::rusage) -> f64 {
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Runs one exec call.
+pub fn run(job: &Job, conf: &Confinement, ctrl: RawFd, devnull: RawFd) -> Result<Outcome, String> {
+    let io = |e: std::io::Error| format!("exec setup: {e}");
+    let (out_r, out_w) = pipe().map_err(io)?;
+    let (err_r, err_w) = pipe().map_err(io)?;
+    let (in_r, in_w) = match job.stdin {
+        Some(_) => {
+            let (r, w) = pipe().map_err(io)?;
+            (r, w)
+        }
+        None => (devnull, -1),
+    };
+    let started = start_reaper(
+        job,
+        conf,
+        [in_r, out_w, err_w],
+        devnull,
+        &[out_r, err_r, in_w, ctrl],
+    );
+    for fd in [out_w, err_w] {
         close(fd);
     }
     if in_r != devnull {
         close(in_r);
     }
+    let (reaper, sr) = match started {
+        Ok(r) => r,
+        Err(m) => {
+            for fd in [out_r, err_r, in_w] {
+                close(fd);
+            }
+            return Err(m);
+        }
+    };
     let pidfd = pidfd_open(reaper).map_err(io)?;
     let mut kill = || {
         // SAFETY: signalling our own child.
@@ -262,18 +313,13 @@ pub fn run(job: &Job, conf: &Confinement, ctrl: RawFd, devnull: RawFd) -> Result
     // SAFETY: waiting for our own child with valid out-pointers.
     let _ = cvt(unsafe { libc::wait4(reaper, &mut st, 0, &mut ru) });
     close(pidfd);
-    let report = read_all(sr);
+    let report = reaper_report(sr);
     close(sr);
     let pumped = pumped.map_err(|HostGone| "host closed the control socket".to_string())?;
-    let (err, status) = parse_status(&report);
-    if let Some(m) = err {
-        return Err(format!("cannot confine the command: {m}"));
-    }
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
     Ok(Outcome {
-        status,
+        status: report?,
         pumped,
-        cpu: tv(ru.ru_utime) + tv(ru.ru_stime),
+        cpu: cpu_seconds(&ru),
     })
 }
 

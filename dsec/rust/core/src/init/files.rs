@@ -164,14 +164,96 @@ fn read_fd(
 }
 
 /// Creates or truncates a regular file for writing; the caller writes chunks with
-/// [`write_chunk`] and closes it.
-pub fn create(root: RawFd, ws: RawFd, path: &[u8]) -> Result<RawFd, String> {
+/// [`write_chunk`] and closes it. With `parents`, missing directories on the way are created
+/// first (mode 0755), each resolved beneath the same root as the file.
+pub fn create(root: RawFd, ws: RawFd, path: &[u8], parents: bool) -> Result<RawFd, String> {
+    if parents {
+        make_parents(root, ws, path)?;
+    }
     open(
         root,
         ws,
         path,
         libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC,
     )
+}
+
+/// Opens a directory with the file API's resolution rules (`O_PATH`).
+fn open_dir(root: RawFd, ws: RawFd, path: &[u8]) -> Result<RawFd, i32> {
+    let (base, rel) = match path.iter().position(|&b| b != b'/') {
+        _ if path.first() != Some(&b'/') => (ws, path),
+        Some(i) => (root, &path[i..]),
+        None => (root, &b"."[..]),
+    };
+    let c = cstr(rel).map_err(|_| libc::EINVAL)?;
+    let how = OpenHow {
+        flags: (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64,
+        mode: 0,
+        resolve: RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS,
+    };
+    // SAFETY: valid C string and open_how struct.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            base,
+            c.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO));
+    }
+    Ok(fd as RawFd)
+}
+
+/// Creates the missing directories above `path`: each one is made with `mkdirat` on a single
+/// name inside its parent, which was itself opened beneath the root, so no directory is
+/// created outside it (symlinks and `..` are judged by `openat2` like the file's own path).
+fn make_parents(root: RawFd, ws: RawFd, path: &[u8]) -> Result<(), String> {
+    let Some(cut) = path.iter().rposition(|&b| b == b'/') else {
+        return Ok(()); // a name directly in /workspace
+    };
+    let dir = &path[..cut];
+    let lead = if path.first() == Some(&b'/') { 1 } else { 0 };
+    let mut end = lead;
+    loop {
+        let next = dir[end..]
+            .iter()
+            .position(|&b| b == b'/')
+            .map_or(dir.len(), |i| end + i);
+        let prefix = &dir[..next];
+        let name = &dir[end..next];
+        if !name.is_empty() && name != b"." && name != b".." {
+            match open_dir(root, ws, prefix) {
+                Ok(fd) => close(fd),
+                Err(libc::ENOENT) => {
+                    let parent = &dir[..end.saturating_sub(1).max(lead)];
+                    let pfd = if parent.is_empty() {
+                        open_dir(root, ws, b".")
+                    } else {
+                        open_dir(root, ws, parent)
+                    }
+                    .map_err(|e| describe(parent, e))?;
+                    let c = cstr(name).map_err(|_| describe(path, libc::EINVAL))?;
+                    // SAFETY: valid C string and a directory fd we own.
+                    let r = unsafe { libc::mkdirat(pfd, c.as_ptr(), 0o755) };
+                    let e = std::io::Error::last_os_error().raw_os_error();
+                    close(pfd);
+                    if r != 0 && e != Some(libc::EEXIST) {
+                        return Err(describe(prefix, e.unwrap_or(libc::EIO)));
+                    }
+                }
+                Err(e) => return Err(describe(prefix, e)),
+            }
+        }
+        if next >= dir.len() {
+            return Ok(());
+        }
+        end = next + 1;
+    }
 }
 
 /// Writes one chunk of a file opened by [`create`].

@@ -5,6 +5,7 @@
 use super::confine::Confinement;
 use super::exec::{self, Job, Outcome};
 use super::files;
+use super::procs::Procs;
 use super::pyserver::PyServer;
 use crate::mounts::{self, PlanInput, ETC_BINDS, IMAGE_DIRS};
 use crate::policy::Policy;
@@ -21,6 +22,7 @@ struct State {
     devnull: RawFd,
     envp: Vec<CString>,
     py: Option<PyServer>,
+    procs: Procs,
 }
 
 #[repr(C)]
@@ -258,6 +260,7 @@ fn setup(p: &Policy) -> Result<State, String> {
         devnull,
         envp,
         py: None,
+        procs: Procs::default(),
     })
 }
 
@@ -287,7 +290,8 @@ fn handle(st: &mut State, ctrl: RawFd, body: &[u8]) -> Result<Vec<u8>, (u8, Stri
     let bad = |e: std::io::Error| (errkind::SANDBOX, format!("bad request: {e}"));
     let mut d = Dec::new(body);
     match d.u8().map_err(bad)? {
-        tag::EXEC => {
+        tag::EXEC | tag::SPAWN => {
+            let background = body[0] == tag::SPAWN;
             let argv = cstrings(d.list().map_err(bad)?).map_err(|m| (errkind::POLICY, m))?;
             let envp = cstrings(d.list().map_err(bad)?).map_err(|m| (errkind::POLICY, m))?;
             let cwd = CString::new(d.bytes().map_err(bad)?)
@@ -308,9 +312,21 @@ fn handle(st: &mut State, ctrl: RawFd, body: &[u8]) -> Result<Vec<u8>, (u8, Stri
                 max_output,
                 cpu_seconds: (cpu > 0).then_some(cpu),
             };
+            if background {
+                let id = st.procs.spawn(&job, &st.conf, ctrl, st.devnull)?;
+                let mut e = Enc::new(tag::OK);
+                e.u32(id);
+                return Ok(e.0);
+            }
             exec::run(&job, &st.conf, ctrl, st.devnull)
                 .map(encode_outcome)
                 .map_err(|m| (errkind::SANDBOX, m))
+        }
+        tag::PROC_OP => {
+            let id = d.u32().map_err(bad)?;
+            let what = d.u8().map_err(bad)?;
+            let max = [d.u64().map_err(bad)?, d.u64().map_err(bad)?];
+            st.procs.op(id, what, max)
         }
         tag::PYTHON => {
             let code = d.bytes().map_err(bad)?;
@@ -348,7 +364,9 @@ fn handle(st: &mut State, ctrl: RawFd, body: &[u8]) -> Result<Vec<u8>, (u8, Stri
             // the answer says whether all were written (the rest is drained after an error).
             let path = d.bytes().map_err(bad)?;
             let len = d.u64().map_err(bad)?;
-            let fd = files::create(st.root_fd, st.ws_fd, &path).map_err(|m| (errkind::PATH, m))?;
+            let parents = d.u8().map_err(bad)? != 0;
+            let fd = files::create(st.root_fd, st.ws_fd, &path, parents)
+                .map_err(|m| (errkind::PATH, m))?;
             let mut sock = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(ctrl) });
             let r = receive_file(&mut sock, fd, &path, len);
             close(fd);
@@ -427,6 +445,7 @@ pub fn run(p: &Policy, sync_r: RawFd) -> i32 {
         if body.first() == Some(&tag::CANCEL) {
             continue; // arrived after its call finished
         }
+        st.procs.reap();
         let resp = match handle(&mut st, ctrl, &body) {
             Ok(r) => r,
             Err((k, m)) => wire::error_body(k, &m),

@@ -12,6 +12,7 @@ pub mod files;
 mod inner;
 mod launcher;
 mod outer;
+pub mod procs;
 pub mod pump;
 pub mod pyserver;
 
