@@ -70,6 +70,7 @@ class _Group:
     group_id: str
     instance: Any
     size: int
+    temperature: float | None = None
 
 
 def step_groups(config: Config, step: int, group_type: Callable[..., Any] = _Group) -> list[Any]:
@@ -83,12 +84,14 @@ def step_groups(config: Config, step: int, group_type: Callable[..., Any] = _Gro
 
 
 def eval_groups(config: Config, group_type: Callable[..., Any] = _Group) -> list[Any]:
-    """The held-out set: ``rl.eval_prompts`` test instances, one episode each."""
+    """The held-out set: ``rl.eval_prompts`` test instances, one episode each, sampled at
+    ``rl.eval_temperature``."""
     from rollout.tasks import get_task
 
     task = get_task(config.task.name, **config.task.options)
     instances = task.instances("test", config.rl.eval_prompts, seed=config.run.seed)
-    return [group_type(f"eval/{i.id}", i, 1) for i in instances]
+    t = config.rl.eval_temperature
+    return [group_type(f"eval/{i.id}", i, 1, t) for i in instances]
 
 
 def tool_use_rate(trajectories: list[Any]) -> float:

@@ -19,8 +19,9 @@ checks that involve them, so that the rollout sections and the training sections
     [sft]       steps (0 = no warm start), batch_size, lr, demonstrations, tool_fraction (share
                 of demonstrations that call the tool; the rest answer directly)
     [rl]        steps, eval_every (0 = only before and after), eval_prompts (held-out "test"
-                instances, one episode each), checkpoint_every, mode ("sync" | "async": rollouts
-                for step k+1 run while step k trains)
+                instances, one episode each), eval_temperature (0 = greedy: the policy's own
+                answer, the usual held-out measure), checkpoint_every, mode ("sync" | "async":
+                rollouts for step k+1 run while step k trains)
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class RlSection:
     steps: int = _opt(0, lo=0)
     eval_every: int = _opt(5, lo=0)
     eval_prompts: int = _opt(64, lo=1)
+    eval_temperature: float = _opt(0.0, lo=0.0)
     checkpoint_every: int = _opt(5, lo=1)
     mode: str = _opt("sync", choices=("sync", "async"))
 

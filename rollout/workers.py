@@ -78,6 +78,7 @@ class Group:
     group_id: str
     instance: Any  # rollout.tasks.Instance
     size: int
+    temperature: float | None = None  # None: the config's sampling.temperature
 
 
 # ------------------------------------------------------------------------------------------------
@@ -230,6 +231,7 @@ class RolloutWorker:
                     sampling=dataclasses.replace(
                         self._sampling,
                         seed=episode_seed(self.config.run.seed, group.group_id, sample_index),
+                        **({} if group.temperature is None else {"temperature": group.temperature}),
                     ),
                     trajectory_id=f"{group.group_id}#{sample_index}",
                     group_id=group.group_id,
