@@ -145,6 +145,7 @@ def test_two_gloo_ranks_match_one_rank(tmp_path):
         ("learner.clip_high=-1", "learner.clip_high must be >= 0"),
         ("learner.num_ranks=4096", "learner.num_ranks = 4096"),
         ('learner.loss="seq-mean-token-sum-norm"', "norm_length"),
+        ("rl.eval_temperature=-0.5", "rl.eval_temperature must be >= 0"),
         ('rl.mode="async"', None),
     ],
 )

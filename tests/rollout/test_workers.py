@@ -3,6 +3,7 @@ sandboxes: every group is stored exactly once, also when a worker is killed mid-
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 from collections import Counter
@@ -140,6 +141,12 @@ def test_pool_batches_and_new_weights_survive_a_restart(ray_session):
         assert [t.group_id for t in after] == [i for i in ids[4:] for _ in range(2)]
         assert {t.policy_version for t in after} == {7}
         assert ray.get(pool.slots[0].actor.pid.remote()) != pid
+
+        # a group's own temperature overrides the config's: greedy samples of a group agree
+        # despite their different seeds, sampled ones (temperature 1) do not
+        greedy = pool.collect(pool.submit([dataclasses.replace(groups[0], temperature=0.0)]))
+        assert greedy[0].response_ids == greedy[1].response_ids
+        assert earlier[0].response_ids != earlier[1].response_ids
 
 
 def test_episode_seeds_are_stable_and_distinct():
