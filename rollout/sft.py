@@ -18,6 +18,7 @@ result is in it with mask 0), as in a sampled trajectory.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +26,16 @@ from typing import Any
 
 from rollout.learner import Sample
 
-__all__ = ["Demonstration", "demonstration_samples", "demonstrations", "render_text", "run_sft"]
+__all__ = [
+    "Demonstration",
+    "demonstration_samples",
+    "demonstrations",
+    "render_text",
+    "run_sft",
+    "sft_lr",
+]
+
+MIN_LR_RATIO = 0.05  # where the cosine schedule ends, as a share of the peak lr
 
 
 @dataclass(frozen=True)
@@ -140,6 +150,21 @@ def demonstration_samples(
     return out
 
 
+def sft_lr(step: int, steps: int, lr: float, schedule: str, warmup_steps: int) -> float:
+    """The learning rate of SFT step ``step`` (0-based) of ``steps``: "constant" is ``lr``
+    throughout; "cosine" rises linearly over ``warmup_steps`` and then follows a cosine from
+    ``lr`` down to ``MIN_LR_RATIO * lr`` at the last step."""
+    if schedule == "constant":
+        return lr
+    if schedule != "cosine":
+        raise ValueError(f"SFT schedule must be 'constant' or 'cosine', got {schedule!r}")
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+    progress = step / max(steps - 1, 1)
+    return (
+        lr * warm * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
+    )
+
+
 def run_sft(
     learner: Any,
     samples: list[Sample],
@@ -148,9 +173,12 @@ def run_sft(
     batch_size: int,
     lr: float,
     seed: int,
+    schedule: str = "constant",
+    warmup_steps: int = 0,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> list[dict[str, float]]:
-    """``steps`` SFT steps on batches drawn from ``samples`` (seeded); returns the metrics.
+    """``steps`` SFT steps on batches drawn from ``samples`` (seeded), at the learning rates of
+    :func:`sft_lr`; returns the metrics (with ``lr``).
 
     ``learner`` is a :class:`rollout.learner.Learner` or anything with its ``sft_step``
     (``rollout.workers``' learner group)."""
@@ -158,7 +186,8 @@ def run_sft(
     history = []
     for step in range(steps):
         batch = [samples[i] for i in rng.sample(range(len(samples)), min(batch_size, len(samples)))]
-        metrics = learner.sft_step(batch, lr=lr)
+        step_lr = sft_lr(step, steps, lr, schedule, warmup_steps)
+        metrics = {**learner.sft_step(batch, lr=step_lr), "lr": step_lr}
         history.append(metrics)
         if on_step is not None:
             on_step(step, metrics)

@@ -245,6 +245,8 @@ class Trainer:
             batch_size=c.sft.batch_size,
             lr=c.sft.lr,
             seed=c.run.seed,
+            schedule=c.sft.schedule,
+            warmup_steps=c.sft.warmup_steps,
             on_step=on_step,
         )
         bar.close()

@@ -16,8 +16,10 @@ checks that involve them, so that the rollout sections and the training sections
                 logprobs), max_staleness (trajectories sampled more than this many versions ago are
                 dropped), skip_zero_std (groups whose rewards are all equal are not trained on),
                 num_ranks (data-parallel learner ranks; 1 = no process group), num_cpus (per rank)
-    [sft]       steps (0 = no warm start), batch_size, lr, demonstrations, tool_fraction (share
-                of demonstrations that call the tool; the rest answer directly)
+    [sft]       steps (0 = no warm start), batch_size, lr (the peak), demonstrations,
+                tool_fraction (share of demonstrations that call the tool; the rest answer
+                directly), schedule ("cosine": linear warmup over warmup_steps, then a cosine
+                down to 5% of lr at the last step; "constant"), warmup_steps
     [rl]        steps, eval_every (0 = only before and after), eval_prompts (held-out "test"
                 instances, one episode each), eval_temperature (0 = greedy: the policy's own
                 answer, the usual held-out measure), checkpoint_every, mode ("sync" | "async":
@@ -74,6 +76,8 @@ class SftSection:
     lr: float = _opt(3e-3, lo=0.0, open_lo=True)
     demonstrations: int = _opt(512, lo=1)
     tool_fraction: float = _opt(0.2, lo=0.0, hi=1.0)
+    schedule: str = _opt("cosine", choices=("constant", "cosine"))
+    warmup_steps: int = _opt(10, lo=0)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,8 @@ exactly, two gloo ranks against one, and config errors before anything starts.""
 
 from __future__ import annotations
 
+import itertools
+import math
 import multiprocessing as mp
 import random
 import socket
@@ -82,6 +84,27 @@ def test_sft_step_lowers_the_loss_on_its_batch():
         last = learner.sft_step(samples)["sft_loss"]
     assert last < first - 0.2
     assert learner.version == 0  # SFT is not an RL update
+
+
+def test_sft_schedule_warms_up_then_follows_a_cosine_to_five_percent():
+    from rollout.sft import run_sft, sft_lr
+
+    assert [sft_lr(i, 10, 0.01, "constant", 3) for i in (0, 5, 9)] == [0.01] * 3
+    cos = [sft_lr(i, 101, 0.01, "cosine", 4) for i in range(101)]
+    # warmup: 1/4, 2/4, 3/4 of the cosine's value; then the cosine itself
+    assert cos[0] == pytest.approx(0.01 * 0.25 * (0.05 + 0.95 * 0.5 * (1 + math.cos(0))))
+    assert cos[2] == pytest.approx(0.01 * 0.75 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi / 50))))
+    assert cos[50] == pytest.approx(0.01 * (0.05 + 0.95 * 0.5))  # half way: the midpoint
+    assert cos[100] == pytest.approx(0.0005)  # the last step: 5% of the peak
+    assert all(a >= b for a, b in itertools.pairwise(cos[3:]))
+    with pytest.raises(ValueError, match="'linear'"):
+        sft_lr(0, 10, 0.01, "linear", 0)
+
+    learner = Learner(_config())
+    samples = [Sample(t.prompt_ids, t.response_ids, t.loss_mask, t.logprobs) for t in _batch()]
+    history = run_sft(learner, samples, steps=3, batch_size=4, lr=0.01, seed=0, schedule="cosine")
+    assert [h["lr"] for h in history] == [sft_lr(i, 3, 0.01, "cosine", 0) for i in range(3)]
+    assert learner.optimizer.param_groups[0]["lr"] == history[-1]["lr"] == pytest.approx(0.0005)
 
 
 def test_checkpoint_resumes_exactly(tmp_path):
