@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from dsec import _native
+from dsec import snapshot as _snapshot
 from dsec._native import (
     ExecResult,
     PathError,
@@ -30,6 +31,7 @@ from dsec._native import (
     SandboxError,
     SandboxSetupError,
 )
+from dsec.snapshot import Snapshot
 
 __all__ = [
     "ExecResult",
@@ -41,6 +43,7 @@ __all__ = [
     "SandboxError",
     "SandboxPool",
     "SandboxSetupError",
+    "Snapshot",
     "check",
 ]
 
@@ -73,11 +76,37 @@ class Sandbox(_native.Sandbox):
       (its ``usr``, ``bin``, ``lib*`` and a few ``etc`` files).
     - ``env`` (None): extra environment variables (dict of str to str).
     - ``require_landlock`` (True): refuse to start when the kernel cannot enforce landlock.
+    - ``snapshot`` (None): a :class:`Snapshot` whose files ``/workspace`` starts with,
+      copy-on-write (overlay; writes bounded by ``disk_bytes``).
 
     :meth:`spawn` starts a background :class:`Process` (a server, a watcher) that outlives the
     call; it dies with the sandbox. Use as a context manager or call :meth:`close`. Thread-safe: calls on one sandbox are
     serialised, different sandboxes run in parallel; the GIL is released while waiting.
     """
+
+    def __new__(cls, *, snapshot: Snapshot | None = None, **kwargs: Any) -> Sandbox:
+        if snapshot is None:
+            return super().__new__(cls, **kwargs)
+        if not isinstance(snapshot, Snapshot):
+            raise PolicyError(f"snapshot must be a dsec.Snapshot, got {type(snapshot).__name__}")
+        snapshot._check_open()
+        self = super().__new__(cls, snapshot=snapshot.path, **kwargs)
+        self._snapshot = snapshot  # its tree is this sandbox's lower layer: keep it alive
+        try:
+            snapshot._attach(self)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def snapshot(self) -> Snapshot:
+        """Freezes ``/workspace`` (directories, files, symlinks, modes) into a :class:`Snapshot`.
+
+        No call runs while it is copied; background processes keep running, so what they
+        write meanwhile may or may not be in it. Needs host root (it reads the workspace
+        through ``/proc/<pid>/root``).
+        """
+        return _snapshot.take(self)
 
     async def exec_async(
         self,

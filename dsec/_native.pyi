@@ -90,6 +90,7 @@ class Sandbox:
         require_landlock: bool | None = None,
         cpus: float | None = None,
         uid_range: tuple[int, int] | None = None,
+        snapshot: str | PathLike[str] | None = None,
     ) -> Sandbox: ...
     def exec(
         self,
@@ -118,6 +119,10 @@ class Sandbox:
         not exist (``parents=True`` creates missing directories, mode 0755, each resolved
         beneath the root like the file), or the data does not fit its mount (the error
         names the limit)."""
+    def _export_workspace(self, dest: str | PathLike[str]) -> dict[str, int]:
+        """Copies /workspace into the empty host directory `dest` (dirs, files, symlinks and
+        modes; fifos, sockets and devices skipped); returns the counts. Used by
+        dsec.Sandbox.snapshot."""
     def spawn(
         self,
         cmd: str | list[str] | tuple[str, ...],

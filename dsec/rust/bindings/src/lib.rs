@@ -443,7 +443,7 @@ impl PySandbox {
     #[new]
     #[pyo3(signature = (*, memory_bytes=None, max_pids=None, cpu_seconds=None, timeout=None,
         max_output_bytes=None, disk_bytes=None, max_open_files=None, network=None, image=None,
-        env=None, require_landlock=None, cpus=None, uid_range=None))]
+        env=None, require_landlock=None, cpus=None, uid_range=None, snapshot=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -460,6 +460,7 @@ impl PySandbox {
         require_landlock: Option<&Bound<'_, PyAny>>,
         cpus: Option<&Bound<'_, PyAny>>,
         uid_range: Option<&Bound<'_, PyAny>>,
+        snapshot: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let mut p = Policy::default();
         let bool_arg = |name: &str, o: Option<&Bound<'_, PyAny>>, d: bool| -> PyResult<bool> {
@@ -522,6 +523,15 @@ impl PySandbox {
             p.image = Some(b);
         }
         p.env = env_arg(py, env)?;
+        if let Some(o) = snapshot.filter(|o| !o.is_none()) {
+            let b = path_arg(o).map_err(|_| {
+                policy_err(
+                    py,
+                    format!("snapshot must be a dsec.Snapshot, got {}", repr(o)),
+                )
+            })?;
+            p.snapshot = Some(b);
+        }
         let sb = blocking(py, move || Sandbox::new(p, &init_image()))?;
         Ok(PySandbox {
             inner: Arc::new(sb),
@@ -610,6 +620,26 @@ impl PySandbox {
         };
         let sb = self.inner.clone();
         blocking(py, move || sb.write_file(&p, &d, parents))
+    }
+
+    /// Copies /workspace into the empty host directory `dest` (dsec.Snapshot uses it);
+    /// returns counts: dirs, files, symlinks, bytes, skipped.
+    fn _export_workspace<'py>(
+        &self,
+        py: Python<'py>,
+        dest: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let d = path_arg(dest)?;
+        let sb = self.inner.clone();
+        let path = std::path::PathBuf::from(String::from_utf8_lossy(&d).into_owned());
+        let e = blocking(py, move || sb.export_workspace(&path))?;
+        let out = PyDict::new(py);
+        out.set_item("dirs", e.dirs)?;
+        out.set_item("files", e.files)?;
+        out.set_item("symlinks", e.symlinks)?;
+        out.set_item("bytes", e.bytes)?;
+        out.set_item("skipped", e.skipped)?;
+        Ok(out)
     }
 
     /// Starts `cmd` in the background and returns its `Process` at once.

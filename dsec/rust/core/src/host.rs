@@ -928,6 +928,24 @@ impl Sandbox {
         })?
     }
 
+    /// Copies this sandbox's /workspace into the empty host directory `dest` (see
+    /// [`crate::snapshot`]). No call runs meanwhile (the call mutex is held); background
+    /// processes keep running, so what they write during the copy may or may not be in it.
+    pub fn export_workspace(&self, dest: &std::path::Path) -> Result<crate::snapshot::Exported> {
+        let g = self.lock();
+        if std::process::id() != self.owner {
+            return Err(Error::Sandbox(
+                "this sandbox belongs to the process that created it (used after fork)".into(),
+            ));
+        }
+        if g.sock.is_none() || self.is_closed() {
+            return Err(Error::Closed);
+        }
+        let r = crate::snapshot::export(self.pid, dest);
+        drop(g);
+        r
+    }
+
     /// Raw fd of the control socket (posture tests: it must not leak into the sandbox).
     pub fn control_fd(&self) -> Option<RawFd> {
         self.lock().sock.as_ref().map(|s| s.as_raw_fd())

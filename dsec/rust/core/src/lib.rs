@@ -15,6 +15,7 @@ pub mod landlock;
 pub mod mounts;
 pub mod policy;
 pub mod seccomp;
+pub mod snapshot;
 pub mod sys;
 pub mod wire;
 

@@ -209,7 +209,8 @@ pub fn probe(path: &str) -> Entry {
     }
 }
 
-fn mount(
+/// `mount(2)` with optional strings; the error names the target.
+pub fn mount(
     src: Option<&str>,
     target: &str,
     fstype: Option<&str>,

@@ -43,6 +43,9 @@ pub struct Policy {
     /// live sandbox holds one of its own, so per-user kernel budgets (pipe buffers, file
     /// descriptors in flight, inotify, queued signals) are not shared between sandboxes.
     pub uid_range: (u32, u32),
+    /// Host directory of a snapshot tree (`crate::snapshot`): the read-only lower layer of
+    /// /workspace, whose writes go to a tmpfs of `disk_bytes`. `None`: an empty /workspace.
+    pub snapshot: Option<Vec<u8>>,
 }
 
 /// Default [`Policy::uid_range`].
@@ -65,6 +68,7 @@ impl Default for Policy {
             require_landlock: true,
             host_id: 65534,
             uid_range: UID_RANGE,
+            snapshot: None,
         }
     }
 }
@@ -168,6 +172,14 @@ impl Policy {
         if self.host_id == 0 {
             return Err(Error::Policy("host_id must not be 0 (host root)".into()));
         }
+        if let Some(s) = &self.snapshot {
+            if s.first() != Some(&b'/') || s.contains(&0) {
+                return Err(Error::Policy(format!(
+                    "snapshot must be an absolute directory path, got {:?}",
+                    String::from_utf8_lossy(s)
+                )));
+            }
+        }
         if let Some(img) = &self.image {
             if img.first() != Some(&b'/') || img.contains(&0) {
                 return Err(Error::Policy(format!(
@@ -227,6 +239,7 @@ impl Policy {
         e.u8(self.require_landlock as u8).u32(self.host_id);
         e.u64(self.cpus.map_or(0, f64::to_bits));
         e.u32(self.uid_range.0).u32(self.uid_range.1);
+        e.opt_bytes(self.snapshot.as_deref());
     }
 
     /// Decodes what [`Policy::encode`] wrote.
@@ -260,6 +273,7 @@ impl Policy {
             host_id: d.u32()?,
             cpus: Some(f64::from_bits(d.u64()?)).filter(|c| *c > 0.0),
             uid_range: (d.u32()?, d.u32()?),
+            snapshot: d.opt_bytes()?,
         })
     }
 }
@@ -275,6 +289,7 @@ mod tests {
         p.cpu_seconds = Some(3);
         p.env = vec![(b"A".to_vec(), b"1".to_vec())];
         p.image = Some(b"/srv/img".to_vec());
+        p.snapshot = Some(b"/srv/snap/tree".to_vec());
         let mut e = Enc::default();
         p.encode(&mut e);
         assert_eq!(Policy::decode(&mut Dec::new(&e.0)).unwrap(), p);

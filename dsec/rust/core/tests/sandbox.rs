@@ -265,6 +265,33 @@ fn spawn_background() {
     assert_eq!(o.stdout, b"0\n", "{}", String::from_utf8_lossy(&o.stderr));
 }
 
+fn snapshot_and_fork() {
+    let sb = sandbox(Policy::default());
+    sh(
+        &sb,
+        "mkdir d && echo s > d/f && ln -s d/f l && chmod 600 d/f",
+        None,
+    );
+    let dir = std::env::temp_dir().join(format!("dsec-core-snap-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir).unwrap();
+    let e = sb.export_workspace(&dir).unwrap();
+    assert_eq!((e.dirs, e.files, e.symlinks, e.bytes), (1, 1, 1, 2));
+    sb.close();
+    let fork = |_| {
+        sandbox(Policy {
+            snapshot: Some(dir.to_str().unwrap().as_bytes().to_vec()),
+            ..Default::default()
+        })
+    };
+    let (a, b) = (fork(0), fork(1));
+    assert_eq!(sh(&a, "echo a >> d/f; cat l", None).stdout, b"s\na\n");
+    assert_eq!(sh(&b, "cat l; stat -c %a d/f", None).stdout, b"s\n600\n");
+    assert_eq!(std::fs::read(dir.join("d/f")).unwrap(), b"s\n");
+    drop((a, b));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 fn main() {
     if std::env::var_os("DSEC_TEST_INIT").is_some() {
         std::process::exit(dsec_core::init::main());
@@ -274,13 +301,14 @@ fn main() {
         println!("sandbox tests skipped: they need root");
         return;
     }
-    let tests: [(&str, fn()); 6] = [
+    let tests: [(&str, fn()); 7] = [
         ("exec_basics", exec_basics),
         ("posture", posture),
         ("timeout_kills_tree", timeout_kills_tree),
         ("output_is_bounded", output_is_bounded),
         ("files_and_python", files_and_python),
         ("spawn_background", spawn_background),
+        ("snapshot_and_fork", snapshot_and_fork),
     ];
     for (name, f) in tests {
         f();

@@ -146,7 +146,7 @@ pub const USERNS_MAX: UsernsMax = UsernsMax {
     pid_namespaces: 256,
 };
 
-fn setup(p: &Policy) -> Result<State, String> {
+fn setup(p: &Policy, lower: RawFd) -> Result<State, String> {
     let m = |e: std::io::Error| e.to_string();
     // SAFETY: mount propagation change in our private mount namespace.
     cvt(unsafe {
@@ -201,6 +201,9 @@ fn setup(p: &Policy) -> Result<State, String> {
         shm_bytes: p.memory_budget().shm_bytes,
     };
     mounts::apply(root, &mounts::plan(&input)).map_err(m)?;
+    if lower >= 0 {
+        crate::snapshot::mount_overlay(lower, &format!("{root}/workspace"))?;
+    }
     mounts::pivot(root).map_err(|e| format!("pivot_root: {e}"))?;
     if !p.network {
         loopback_up()?;
@@ -404,7 +407,9 @@ fn receive_file(sock: &mut File, fd: RawFd, path: &[u8], len: u64) -> Result<(),
 }
 
 /// Runs the inner part; returns the exit code.
-pub fn run(p: &Policy, sync_r: RawFd) -> i32 {
+/// `lower` is the detached snapshot tree for /workspace (-1: none), idmapped by the outer
+/// part before it sends the sync bytes.
+pub fn run(p: &Policy, sync_r: RawFd, lower: RawFd) -> i32 {
     // The outer part sends our host pid once the id maps are written.
     let mut b = [0u8; 4];
     // SAFETY: reading four bytes into a valid buffer.
@@ -429,7 +434,7 @@ pub fn run(p: &Policy, sync_r: RawFd) -> i32 {
         c
     };
     let mut sock = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(ctrl) });
-    let mut st = match setup(p) {
+    let mut st = match setup(p, lower) {
         Ok(s) => s,
         Err(m) => {
             let _ = wire::write_frame(&mut *sock, &wire::error_body(errkind::SETUP, &m));

@@ -100,6 +100,19 @@ pub fn run() -> i32 {
         }
     }
     let _ = write_path("/proc/self/oom_score_adj", b"-1000");
+    // A snapshot's tree, cloned while this process is still host root; the inner part
+    // inherits the descriptor and attaches it once it is idmapped (see crate::snapshot).
+    let lower = match &cfg.policy.snapshot {
+        None => -1,
+        Some(path) => match crate::snapshot::clone_tree(path) {
+            Ok(fd) => fd,
+            Err(m) => {
+                leave_cgroups(&cfg.cgroups);
+                remove_cgroups(&cfg.cgroups);
+                return fail(m);
+            }
+        },
+    };
     let (sync_r, sync_w) = match pipe() {
         Ok(p) => p,
         Err(e) => return fail(format!("pipe: {e}")),
@@ -141,7 +154,7 @@ pub fn run() -> i32 {
     if pid == 0 {
         close(sync_w);
         // SAFETY: exit with the inner part's code.
-        unsafe { libc::_exit(super::inner::run(&cfg.policy, sync_r)) };
+        unsafe { libc::_exit(super::inner::run(&cfg.policy, sync_r, lower)) };
     }
     close(sync_r);
     // The inner part was born in the sandbox cgroup (and roots its cgroup namespace there);
@@ -165,6 +178,19 @@ pub fn run() -> i32 {
             }
             remove_cgroups(&cfg.cgroups);
             return fail(format!("write {path}: {e}"));
+        }
+    }
+    if lower >= 0 {
+        let r = crate::snapshot::idmap_tree(lower, pid);
+        close(lower);
+        if let Err(m) = r {
+            // SAFETY: killing and reaping our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+            remove_cgroups(&cfg.cgroups);
+            return fail(m);
         }
     }
     // The inner part reports our host pid with READY: one wake-up of the owner, not two.
