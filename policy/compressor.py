@@ -58,10 +58,17 @@ def quantize_kv(kv: torch.Tensor, cfg: V4Config) -> torch.Tensor:
     return torch.cat((fake_quant_fp8(kv[..., :nope], cfg.kv_quant_block), rope), -1)
 
 
-def quantize_index(x: torch.Tensor, cfg: V4Config) -> torch.Tensor:
-    """Indexer q/k: Hadamard rotation, then FP4 (MXFP4) fake-quantisation when kv_dtype='fp8',
-    else rounding to kv_dtype. x [..., c] -> fp32 [..., c]."""
+def rotate_index(x: torch.Tensor, cfg: V4Config) -> torch.Tensor:
+    """Hadamard rotation of indexer q/k: x [..., c] -> fp32 [..., c], rounded to BF16 when FP4
+    follows (kv_dtype='fp8'): the official rotation returns BF16, which the FP4 rule then sees."""
     x = hadamard(x)
+    return round_to(x, torch.bfloat16) if cfg.kv_dtype == "fp8" else x
+
+
+def quantize_index(x: torch.Tensor, cfg: V4Config) -> torch.Tensor:
+    """Indexer q/k: ``rotate_index``, then FP4 (MXFP4) fake-quantisation when kv_dtype='fp8',
+    else rounding to kv_dtype. x [..., c] -> fp32 [..., c]."""
+    x = rotate_index(x, cfg)
     if cfg.kv_dtype == "fp8":
         return fake_quant_fp4(x, cfg.index_quant_block)
     return round_to(x, getattr(torch, cfg.kv_dtype))
@@ -116,7 +123,7 @@ class Compressor(nn.Module):
         entry = self.norm(entry.to(self.wkv.weight.dtype))
         entry = apply_rope(entry, pos, inv_freq)
         if self.for_indexer:
-            return quantize_index(entry, self.cfg) if quant else hadamard(entry)
+            return quantize_index(entry, self.cfg) if quant else rotate_index(entry, self.cfg)
         return quantize_kv(entry, self.cfg) if quant else entry
 
     def block_chunk(self, b: int) -> int:

@@ -74,8 +74,8 @@ def _hadamard(n: int) -> torch.Tensor:
 
 def _index_quant(v: torch.Tensor, cfg) -> torch.Tensor:
     v = v.float() @ _hadamard(v.shape[-1])
-    if cfg.kv_dtype == "fp8":
-        return fake_quant_fp4(v, cfg.index_quant_block)
+    if cfg.kv_dtype == "fp8":  # the rotation returns BF16, which FP4 then quantises
+        return fake_quant_fp4(v.to(torch.bfloat16).float(), cfg.index_quant_block)
     return v.to(getattr(torch, cfg.kv_dtype)).float()
 
 
