@@ -127,6 +127,16 @@ class Learner:
         carried into the other)."""
         self.optimizer = self._new_optimizer()
 
+    def rl_lr(self) -> float:
+        """The learning rate of the next RL update: ``learner.lr``, reached linearly over the
+        first ``learner.warmup_steps`` updates. A fresh Adam moves every parameter by about lr
+        on its first steps whatever the gradient's size; RL gradients on a few groups are
+        noisy, so full-size first steps can undo what the warm start learned."""
+        c = self.config.learner
+        if not c.warmup_steps:
+            return c.lr
+        return c.lr * min(1.0, (self.rl_steps + 1) / c.warmup_steps)
+
     def info(self) -> dict[str, Any]:
         return {"rank": self.rank, "pid": os.getpid(), "version": self.version}
 
@@ -153,7 +163,11 @@ class Learner:
                 continue
             samples += ts
             advantages += adv
+        lr = self.rl_lr()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         metrics = self._update(samples, advantages, sft=False)
+        metrics["lr"] = lr
         metrics.update(
             trajectories=float(len(trajectories)),
             trained=float(len(samples)),

@@ -8,8 +8,9 @@ checks that involve them, so that the rollout sections and the training sections
                 on the task's own prompts and demonstrations, see rollout.bpe), vocab_size (bpe:
                 the model's embedding is sized to it), corpus_prompts (instances rendered to
                 train it)
-    [learner]   optimizer ("adamw"), lr, betas, weight_decay, grad_clip (max global grad norm;
-                0 = off), token_budget (padded tokens per micro-batch), loss (aggregation:
+    [learner]   optimizer ("adamw"), lr, warmup_steps (RL updates over which lr rises
+                linearly from lr / warmup_steps; 0 = none), betas, weight_decay, grad_clip (max
+                global grad norm; 0 = off), token_budget (padded tokens per micro-batch), loss (aggregation:
                 "token-mean" | "seq-mean-token-mean" | "seq-mean-token-sum-norm"), advantage
                 ("grpo" | "drgrpo" | "rloo"), clip_low, clip_high, norm_length (Dr.GRPO's
                 constant), tis_cap (0 = off; the learner then recomputes the old
@@ -51,6 +52,7 @@ class TokenizerSection:
 class LearnerSection:
     optimizer: str = _opt("adamw", choices=("adamw",))
     lr: float = _opt(1e-3, lo=0.0, open_lo=True)
+    warmup_steps: int = _opt(0, lo=0)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = _opt(0.0, lo=0.0)
     grad_clip: float = _opt(1.0, lo=0.0)

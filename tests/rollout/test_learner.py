@@ -107,6 +107,19 @@ def test_sft_schedule_warms_up_then_follows_a_cosine_to_five_percent():
     assert learner.optimizer.param_groups[0]["lr"] == history[-1]["lr"] == pytest.approx(0.0005)
 
 
+def test_rl_lr_warms_up_over_the_first_updates(tmp_path):
+    learner = Learner(_config("learner.lr=0.002", "learner.warmup_steps=4"))
+    lrs = [learner.train_step(_batch(i))["lr"] for i in range(2)]
+    assert lrs == pytest.approx([0.0005, 0.001])
+    assert learner.optimizer.param_groups[0]["lr"] == pytest.approx(0.001)
+    learner.save(tmp_path / "ckpt", extra={"next_step": 2})
+    resumed = Learner(_config("learner.lr=0.002", "learner.warmup_steps=4"))
+    resumed.load(tmp_path / "ckpt")  # the warmup goes on where it stopped
+    lrs = [resumed.train_step(_batch(i))["lr"] for i in range(2, 5)]
+    assert lrs == pytest.approx([0.0015, 0.002, 0.002])
+    assert Learner(_config("learner.lr=0.002")).rl_lr() == 0.002  # no warmup by default
+
+
 def test_checkpoint_resumes_exactly(tmp_path):
     ref = Learner(_config())
     ref.train_step(_batch(0))
