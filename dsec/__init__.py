@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
@@ -146,10 +148,16 @@ def check() -> dict[str, Any]:
 
 
 class SandboxPool:
-    """A bounded pool of warm sandboxes with back-pressure.
+    """A bounded pool of warm sandboxes with back-pressure, reused between users.
 
-    ``acquire()`` blocks while ``size`` sandboxes are in use; ``release(sb)`` closes the
-    returned sandbox and starts a fresh one in its place, so nothing leaks between users.
+    ``acquire()`` blocks while ``size`` sandboxes are in use. ``release(sb)`` resets the
+    sandbox (:meth:`Sandbox.reset`: every process killed, ``/workspace``, ``/tmp`` and
+    ``/dev/shm`` emptied, System V IPC objects removed; cgroup, namespaces and uid kept) and
+    keeps it for the next user, who gets a new handle: the released one reads as closed and
+    refuses every call, so nothing passes between users. A sandbox that is broken (its init
+    died) or cannot be reset is closed and replaced by a fresh one; one started from a
+    ``snapshot`` is closed and forked again (its workspace returns to the snapshot's).
+    :meth:`metrics` counts creations, resets, failures and the wait in ``acquire``.
     As a context manager, ``with pool.sandbox() as sb:`` acquires and releases.
     """
 
@@ -161,20 +169,37 @@ class SandboxPool:
         self._cond = threading.Condition()
         self._idle: deque[Sandbox] = deque()
         self._busy = 0
-        self._out: set[int] = set()
+        self._out: dict[int, Sandbox] = {}
         self._closed = False
-        self._idle.append(Sandbox(**sandbox_kwargs))  # validates the kwargs eagerly
+        self._counts = {"creations": 0, "resets": 0, "failures": 0, "acquires": 0}
+        self._waits: deque[float] = deque(maxlen=4096)
+        self._idle.append(self._create())  # validates the kwargs eagerly
 
     @property
     def size(self) -> int:
         """Maximum number of sandboxes handed out at once."""
         return self._size
 
+    def _create(self) -> Sandbox:
+        sb = Sandbox(**self._kwargs)
+        with self._cond:
+            self._counts["creations"] += 1
+        return sb
+
+    def _fail(self) -> None:
+        with self._cond:
+            self._counts["failures"] += 1
+
+    @staticmethod
+    def _alive(sb: Sandbox) -> bool:
+        return not sb.closed and os.path.exists(f"/proc/{sb.pid}")
+
     def acquire(self, timeout: float | None = None) -> Sandbox:
-        """Returns a fresh sandbox; blocks while ``size`` sandboxes are in use.
+        """Returns a clean sandbox; blocks while ``size`` sandboxes are in use.
 
         Raises ``TimeoutError`` after ``timeout`` seconds, ``SandboxClosedError`` if closed.
         """
+        start = time.monotonic()
         with self._cond:
             ok = self._cond.wait_for(
                 lambda: self._closed or self._busy < self._size, timeout=timeout
@@ -184,32 +209,65 @@ class SandboxPool:
             if not ok:
                 raise TimeoutError(f"no sandbox became free within {timeout} s")
             self._busy += 1
-            sb = self._idle.popleft() if self._idle else None
+            idle = list(self._idle)
+            self._idle.clear()
+        sb = None
+        for i, candidate in enumerate(idle):
+            if sb is None and self._alive(candidate):
+                sb = candidate
+                continue
+            if sb is None:  # broken while idle: replace it
+                candidate.close()
+                self._fail()
+            else:
+                with self._cond:
+                    self._idle.extend(idle[i:])
+                break
         if sb is None:
             try:
-                sb = Sandbox(**self._kwargs)
+                sb = self._create()
             except BaseException:
+                self._fail()
                 with self._cond:
                     self._busy -= 1
                     self._cond.notify()
                 raise
         with self._cond:
-            self._out.add(id(sb))
+            self._out[id(sb)] = sb
+            self._counts["acquires"] += 1
+            self._waits.append(time.monotonic() - start)
         return sb
 
-    def release(self, sb: Sandbox) -> None:
-        """Returns a sandbox: it is closed and replaced by a fresh one (no state leaks)."""
-        with self._cond:
-            if id(sb) not in self._out:
-                raise PolicyError(f"{sb!r} was not acquired from this pool")
-            self._out.discard(id(sb))
-        sb.close()
-        fresh = None
-        if not self._closed:
+    def _recycle(self, sb: Sandbox) -> Sandbox | None:
+        """The sandbox's clean successor for the next user (None: none could be made)."""
+        if self._alive(sb) and getattr(sb, "_snapshot", None) is None:
             try:
-                fresh = Sandbox(**self._kwargs)
+                sb.reset()
+                fresh = Sandbox(_handoff=sb)
+                with self._cond:
+                    self._counts["resets"] += 1
+                return fresh
             except SandboxError:
-                fresh = None
+                pass
+        if not self._alive(sb):
+            self._fail()
+        sb.close()
+        try:
+            return self._create()
+        except SandboxError:
+            self._fail()
+            return None
+
+    def release(self, sb: Sandbox) -> None:
+        """Returns a sandbox: it is reset (or replaced) for the next user; the handle given
+        back is closed from then on."""
+        with self._cond:
+            if self._out.get(id(sb)) is not sb:
+                raise PolicyError(f"{sb!r} was not acquired from this pool")
+            del self._out[id(sb)]
+        fresh = None if self._closed else self._recycle(sb)
+        if fresh is None:
+            sb.close()
         with self._cond:
             self._busy -= 1
             if fresh is not None and not self._closed:
@@ -218,6 +276,21 @@ class SandboxPool:
             self._cond.notify()
         if fresh is not None:
             fresh.close()
+
+    def metrics(self) -> dict[str, float]:
+        """creations, resets, failures (broken or unresettable sandboxes replaced, failed
+        creations), acquires, in_use, idle, and the wait in acquire: queue_wait_p50_ms,
+        queue_wait_p99_ms, queue_wait_max_ms (last 4096 acquires)."""
+        with self._cond:
+            out: dict[str, float] = dict(self._counts)
+            out["in_use"], out["idle"] = self._busy, len(self._idle)
+            waits = sorted(self._waits)
+        for name, q in (("p50", 0.5), ("p99", 0.99)):
+            out[f"queue_wait_{name}_ms"] = (
+                waits[min(len(waits) - 1, round(q * (len(waits) - 1)))] * 1e3 if waits else 0.0
+            )
+        out["queue_wait_max_ms"] = waits[-1] * 1e3 if waits else 0.0
+        return out
 
     @contextlib.contextmanager
     def sandbox(self, timeout: float | None = None) -> Iterator[Sandbox]:

@@ -91,6 +91,7 @@ class Sandbox:
         cpus: float | None = None,
         uid_range: tuple[int, int] | None = None,
         snapshot: str | PathLike[str] | None = None,
+        _handoff: Sandbox | None = None,
     ) -> Sandbox: ...
     def exec(
         self,
@@ -135,6 +136,11 @@ class Sandbox:
         (each process also gets RLIMIT_CPU = cpu_seconds; there is no timeout), until it
         exits, is killed, or the sandbox closes. stdin is /dev/null; output is kept in the
         sandbox (its memory) until read, at most disk_bytes per stream over its life."""
+    def reset(self) -> None:
+        """Readies the sandbox for a new user (SandboxPool calls it between users): kills
+        every background process and the warm Python server, empties /workspace, /tmp and
+        /dev/shm, removes System V IPC objects; namespaces, cgroup, uid and limits stay. A
+        sandbox started from a snapshot gets an empty /workspace (the pool re-forks those)."""
     def close(self) -> None:
         """Kills every process of the sandbox and removes its mounts and cgroup. Idempotent."""
     @property

@@ -16,7 +16,16 @@ import threading
 from pathlib import Path
 
 import pytest
-from sandbox_helpers import HOST_SECRET, LIMITS, describe, gone_or_zombie, py_json, sh, wait_for
+from sandbox_helpers import (
+    HOST_SECRET,
+    LIMITS,
+    describe,
+    find_by_marker,
+    gone_or_zombie,
+    py_json,
+    sh,
+    wait_for,
+)
 
 import dsec
 
@@ -493,11 +502,15 @@ def test_18_file_api_resists_hostile_files(fresh_sandbox):
 def test_37_pool_hands_out_no_state_of_the_previous_user():
     with dsec.SandboxPool(1, **LIMITS) as pool:
         with pool.sandbox() as first:
-            first_pid = first.pid
-            done = sh(first, "echo secret > /workspace/answer; echo x > /tmp/x; sleep 300 &")
+            done = sh(first, "echo secret > /workspace/answer; echo x > /tmp/x")
             assert done.exit_code == 0, describe(done)
+            server = first.spawn(["sleep", "3737.5"])
+            pids = wait_for(lambda: find_by_marker(first.pid, "3737.5"), "the background sleep")
+        # The pool reuses the sandbox after a reset; the previous handle is dead.
+        assert first.closed
+        with pytest.raises(dsec.SandboxClosedError):
+            server.poll()
         with pool.sandbox() as second:
-            assert second.pid != first_pid
+            assert gone_or_zombie(pids)
             result = sh(second, "test ! -e /workspace/answer && test ! -e /tmp/x && echo clean")
             assert result.stdout == b"clean\n", describe(result)
-        wait_for(lambda: gone_or_zombie([first_pid]), "the released sandbox's init to exit")

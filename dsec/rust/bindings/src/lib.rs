@@ -13,6 +13,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyString, PyTuple, PyType};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The init binary, built by build.rs and executed from a sealed memfd.
@@ -436,6 +437,26 @@ fn result(py: Python<'_>, o: ExecOutput) -> PyExecResult {
 #[pyclass(frozen, subclass, module = "dsec._native", name = "Sandbox")]
 struct PySandbox {
     inner: Arc<Sandbox>,
+    /// Handle generation shared by every handle of `inner`: a pool hands a reset sandbox to
+    /// its next user under a new handle (`_handoff`), and older handles go stale (closed).
+    lease: Arc<AtomicU64>,
+    generation: u64,
+}
+
+impl PySandbox {
+    fn stale(&self) -> bool {
+        self.lease.load(Ordering::Acquire) != self.generation
+    }
+
+    /// The sandbox, unless this handle was handed on.
+    fn sb(&self) -> PyResult<Arc<Sandbox>> {
+        if self.stale() {
+            return Err(SandboxClosedError::new_err(
+                "the sandbox is closed (this handle was released to its pool)",
+            ));
+        }
+        Ok(self.inner.clone())
+    }
 }
 
 #[pymethods]
@@ -443,7 +464,8 @@ impl PySandbox {
     #[new]
     #[pyo3(signature = (*, memory_bytes=None, max_pids=None, cpu_seconds=None, timeout=None,
         max_output_bytes=None, disk_bytes=None, max_open_files=None, network=None, image=None,
-        env=None, require_landlock=None, cpus=None, uid_range=None, snapshot=None))]
+        env=None, require_landlock=None, cpus=None, uid_range=None, snapshot=None,
+        _handoff=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -461,7 +483,32 @@ impl PySandbox {
         cpus: Option<&Bound<'_, PyAny>>,
         uid_range: Option<&Bound<'_, PyAny>>,
         snapshot: Option<&Bound<'_, PyAny>>,
+        _handoff: Option<PyRef<'_, PySandbox>>,
     ) -> PyResult<Self> {
+        if let Some(old) = _handoff {
+            // A pool's hand-over: same sandbox, new handle; the old one goes stale.
+            let sb = old.sb()?;
+            let generation = old.generation + 1;
+            if old
+                .lease
+                .compare_exchange(
+                    old.generation,
+                    generation,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_err()
+            {
+                return Err(SandboxClosedError::new_err(
+                    "the sandbox was handed on already",
+                ));
+            }
+            return Ok(PySandbox {
+                inner: sb,
+                lease: old.lease.clone(),
+                generation,
+            });
+        }
         let mut p = Policy::default();
         let bool_arg = |name: &str, o: Option<&Bound<'_, PyAny>>, d: bool| -> PyResult<bool> {
             match o.filter(|o| !o.is_none()) {
@@ -535,6 +582,8 @@ impl PySandbox {
         let sb = blocking(py, move || Sandbox::new(p, &init_image()))?;
         Ok(PySandbox {
             inner: Arc::new(sb),
+            lease: Arc::new(AtomicU64::new(0)),
+            generation: 0,
         })
     }
 
@@ -563,7 +612,7 @@ impl PySandbox {
                 .transpose()?,
             timeout: float_arg(py, "timeout", timeout)?,
         };
-        let sb = self.inner.clone();
+        let sb = self.sb()?;
         let o = interruptible(py, move |stop| sb.exec_with(&req, stop))?;
         Ok(result(py, o))
     }
@@ -578,7 +627,7 @@ impl PySandbox {
     ) -> PyResult<PyExecResult> {
         let code = data_arg(py, "code", code)?;
         let t = float_arg(py, "timeout", timeout)?;
-        let sb = self.inner.clone();
+        let sb = self.sb()?;
         let o = interruptible(py, move |stop| sb.run_python_with(&code, t, stop))?;
         Ok(result(py, o))
     }
@@ -594,7 +643,7 @@ impl PySandbox {
     ) -> PyResult<Bound<'py, PyBytes>> {
         let p = path_arg(path)?;
         let max = int_arg(py, "max_bytes", max_bytes)?;
-        let sb = self.inner.clone();
+        let sb = self.sb()?;
         let data = blocking(py, move || sb.read_file(&p, max))?;
         Ok(PyBytes::new(py, &data))
     }
@@ -618,7 +667,7 @@ impl PySandbox {
                 .map(|b| b.is_true())
                 .map_err(|_| policy_err(py, format!("parents must be a bool, got {}", repr(o))))?,
         };
-        let sb = self.inner.clone();
+        let sb = self.sb()?;
         blocking(py, move || sb.write_file(&p, &d, parents))
     }
 
@@ -630,7 +679,7 @@ impl PySandbox {
         dest: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let d = path_arg(dest)?;
-        let sb = self.inner.clone();
+        let sb = self.sb()?;
         let path = std::path::PathBuf::from(String::from_utf8_lossy(&d).into_owned());
         let e = blocking(py, move || sb.export_workspace(&path))?;
         let out = PyDict::new(py);
@@ -666,18 +715,29 @@ impl PySandbox {
             .iter()
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
-        let sb = self.inner.clone();
+        let sb = self.sb()?;
         let id = blocking(py, move || sb.spawn(&req))?;
         Ok(PyProcess {
             sandbox: self.inner.clone(),
+            lease: (self.lease.clone(), self.generation),
             id,
             args,
             state: Mutex::new(ProcCache::default()),
         })
     }
 
+    /// Resets the sandbox for a new user (dsec.SandboxPool calls it between users): kills
+    /// every process, empties /workspace, /tmp and /dev/shm, removes System V IPC objects.
+    fn reset(&self, py: Python<'_>) -> PyResult<()> {
+        let sb = self.sb()?;
+        blocking(py, move || sb.reset())
+    }
+
     /// Closes the sandbox: every process in it is killed, its mounts and cgroup disappear.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
+        if self.stale() {
+            return Ok(()); // handed on: the sandbox is someone else's now
+        }
         let sb = self.inner.clone();
         blocking(py, move || {
             sb.close();
@@ -688,7 +748,7 @@ impl PySandbox {
     /// Whether the sandbox is closed.
     #[getter]
     fn closed(&self) -> bool {
-        self.inner.is_closed()
+        self.stale() || self.inner.is_closed()
     }
 
     /// Host pid of the sandbox's init (pid 1 inside), for posture checks from outside.
@@ -736,7 +796,7 @@ impl PySandbox {
     }
 
     fn __repr__(&self) -> String {
-        let state = if self.inner.is_closed() {
+        let state = if self.stale() || self.inner.is_closed() {
             "closed"
         } else {
             "open"
@@ -760,6 +820,9 @@ struct ProcCache {
 #[pyclass(frozen, module = "dsec._native", name = "Process")]
 struct PyProcess {
     sandbox: Arc<Sandbox>,
+    /// The lease of the handle that spawned it: once that handle is handed on (a pool
+    /// reset killed the process), every request is refused.
+    lease: (Arc<AtomicU64>, u64),
     id: u32,
     args: Vec<String>,
     state: Mutex<ProcCache>,
@@ -786,9 +849,19 @@ impl PyProcess {
         if self.lock().drained {
             return Ok(());
         }
+        self.live()?;
         let (sb, id) = (self.sandbox.clone(), self.id);
         let s = blocking(py, move || sb.process(id, kill, max[0], max[1]))?;
         self.record(&s);
+        Ok(())
+    }
+
+    fn live(&self) -> PyResult<()> {
+        if self.lease.0.load(Ordering::Acquire) != self.lease.1 {
+            return Err(SandboxClosedError::new_err(
+                "the sandbox is closed (its handle was released to its pool)",
+            ));
+        }
         Ok(())
     }
 
@@ -836,6 +909,7 @@ impl PyProcess {
         if let Some(rc) = Self::returncode_of(&self.lock()) {
             return Ok(rc);
         }
+        self.live()?;
         let (sb, id) = (self.sandbox.clone(), self.id);
         let s = interruptible(py, move |stop| sb.wait_process(id, t, stop))?;
         match s {

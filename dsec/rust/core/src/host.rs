@@ -946,6 +946,24 @@ impl Sandbox {
         r
     }
 
+    /// Resets the sandbox for a new user: every background process and the warm Python
+    /// server are killed, /workspace, /tmp and /dev/shm emptied, System V IPC objects
+    /// removed; namespaces, cgroup, uid and limits stay (see `init::reset`). A sandbox
+    /// started from a snapshot gets an empty /workspace, not the snapshot's files.
+    pub fn reset(&self) -> Result<()> {
+        let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+        self.exchange(|sock| {
+            wire::write_frame(sock, &[tag::RESET])?;
+            let resp = wire::read_frame(sock)?.ok_or_else(|| bad("end of stream".into()))?;
+            let mut d = Dec::new(&resp);
+            match d.u8()? {
+                tag::OK => Ok(Ok(())),
+                tag::ERROR => Ok(Err(wire::decode_error(&mut d))),
+                t => Err(bad(format!("unexpected frame {t}"))),
+            }
+        })?
+    }
+
     /// Raw fd of the control socket (posture tests: it must not leak into the sandbox).
     pub fn control_fd(&self) -> Option<RawFd> {
         self.lock().sock.as_ref().map(|s| s.as_raw_fd())

@@ -161,6 +161,8 @@ pub mod tag {
     pub const SPAWN: u8 = 7;
     /// Polls, reads or kills a background process (`init::procs::op`); answered by PROC.
     pub const PROC_OP: u8 = 8;
+    /// Resets the sandbox for a new user (`init::reset`); answered by OK.
+    pub const RESET: u8 = 9;
     pub const READY: u8 = 0x81;
     pub const RESULT: u8 = 0x82;
     pub const DATA: u8 = 0x83;

@@ -263,6 +263,21 @@ fn spawn_background() {
     assert_eq!((s.running, s.signal), (false, Some(libc::SIGKILL)));
     let o = sh(&sb, "ps -e -o comm= 2>/dev/null | grep -c sleep", None);
     assert_eq!(o.stdout, b"0\n", "{}", String::from_utf8_lossy(&o.stderr));
+    // reset(): background processes killed, writable directories emptied.
+    let id = sb.spawn(&req("sleep 100")).unwrap();
+    sh(
+        &sb,
+        "mkdir -p d/e && touch d/e/f /tmp/t /dev/shm/s && chmod 0 d",
+        None,
+    );
+    sb.reset().unwrap();
+    let o = sh(
+        &sb,
+        "ls -A /workspace /tmp /dev/shm; ps -e -o comm= | grep -c sleep",
+        None,
+    );
+    assert_eq!(o.stdout, b"/dev/shm:\n\n/tmp:\n\n/workspace:\n0\n");
+    assert!(matches!(sb.process(id, false, 0, 0), Err(Error::Policy(_))));
 }
 
 fn snapshot_and_fork() {

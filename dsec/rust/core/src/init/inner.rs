@@ -375,6 +375,15 @@ fn handle(st: &mut State, ctrl: RawFd, body: &[u8]) -> Result<Vec<u8>, (u8, Stri
             close(fd);
             r.map(|_| Enc::new(tag::OK).0)
         }
+        tag::RESET => {
+            st.procs.kill_all();
+            if let Some(py) = st.py.take() {
+                py.stop();
+            }
+            super::reset::remove_ipc();
+            super::reset::wipe().map_err(|m| (errkind::SANDBOX, m))?;
+            Ok(Enc::new(tag::OK).0)
+        }
         t => Err((errkind::SANDBOX, format!("unknown request tag {t}"))),
     }
 }

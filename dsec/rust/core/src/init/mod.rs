@@ -15,6 +15,7 @@ mod outer;
 pub mod procs;
 pub mod pump;
 pub mod pyserver;
+pub mod reset;
 
 /// Entry point of the init binary; fd 0 is the launcher socket (see `launcher`), which forks
 /// one outer init per sandbox.

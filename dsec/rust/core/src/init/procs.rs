@@ -200,6 +200,18 @@ impl Procs {
         Ok(self.next)
     }
 
+    /// SIGKILLs every background process, waits for them and forgets them all.
+    pub fn kill_all(&mut self) {
+        for mut p in self.procs.drain(..) {
+            if p.done.is_none() {
+                // SAFETY: signalling our own child; its pid namespace dies with it.
+                unsafe { libc::kill(p.reaper, libc::SIGKILL) };
+                p.reap(true);
+            }
+            p.close();
+        }
+    }
+
     /// Collects every background process that exited (keeps no zombies around).
     pub fn reap(&mut self) {
         for p in &mut self.procs {
