@@ -24,6 +24,7 @@ from typing import Any
 
 from dsec import _native
 from dsec import snapshot as _snapshot
+from dsec import spares as _spares
 from dsec._native import (
     ExecResult,
     PathError,
@@ -34,6 +35,7 @@ from dsec._native import (
     SandboxSetupError,
 )
 from dsec.snapshot import Snapshot
+from dsec.spares import keep_spares, spare_stats, stop_spares
 
 __all__ = [
     "ExecResult",
@@ -47,6 +49,9 @@ __all__ = [
     "SandboxSetupError",
     "Snapshot",
     "check",
+    "keep_spares",
+    "spare_stats",
+    "stop_spares",
 ]
 
 
@@ -82,12 +87,21 @@ class Sandbox(_native.Sandbox):
       copy-on-write (overlay; writes bounded by ``disk_bytes``).
 
     :meth:`spawn` starts a background :class:`Process` (a server, a watcher) that outlives the
-    call; it dies with the sandbox. Use as a context manager or call :meth:`close`. Thread-safe: calls on one sandbox are
+    call; it dies with the sandbox. With :func:`keep_spares` for these keyword arguments,
+    creating a sandbox takes a pre-started spare (see :mod:`dsec.spares`).
+
+    Use as a context manager or call :meth:`close`. Thread-safe: calls on one sandbox are
     serialised, different sandboxes run in parallel; the GIL is released while waiting.
     """
 
-    def __new__(cls, *, snapshot: Snapshot | None = None, **kwargs: Any) -> Sandbox:
+    def __new__(
+        cls, *, snapshot: Snapshot | None = None, _spare: bool = True, **kwargs: Any
+    ) -> Sandbox:
         if snapshot is None:
+            if _spare and cls is Sandbox and "_handoff" not in kwargs:
+                spare = _spares.take(kwargs)  # None unless keep_spares() holds this limit set
+                if spare is not None:
+                    return spare
             return super().__new__(cls, **kwargs)
         if not isinstance(snapshot, Snapshot):
             raise PolicyError(f"snapshot must be a dsec.Snapshot, got {type(snapshot).__name__}")
