@@ -87,6 +87,11 @@ class Attention(nn.Module):
             keys, allowed = self._extend_keys(x, qr, kv, pos, cache, fill_lengths, rope)
         else:  # the cache quantises on write; reads return the stored values
             assert s == 1, "decode takes one token per row"
+            if cfg.attn_impl == "triton":  # kernels on the stored cache bytes
+                from policy.kernels.triton_compressed_attn import decode_attention
+
+                o = decode_attention(self, x, qr, q, kv, pos, cache, rope)
+                return self._output(o, pos, rope)
             keys, allowed = self._decode_keys(x, qr, kv, pos, cache, rope)
         o = attention_core(q, keys, allowed, self.attn_sink, self.softmax_scale, cfg.attn_impl)
         return self._output(o, pos, rope)
@@ -245,6 +250,11 @@ class Attention(nn.Module):
     def _select_chunk(self, part, iq, iw, ik, a, e, n):
         """Indexer choice of the chunk's queries a..e-1 (iq [B, e - a, h, c_I], iw [B, e - a,
         h]) among the first n entries: indices [B, e - a, <= k], -1 = none."""
+        if self.cfg.attn_impl == "triton":  # fused scores + top-k
+            from policy.kernels.triton_indexer import triton_indexer_topk
+
+            nvis = (part.pos[:, a:e] + 1) // self.ratio
+            return triton_indexer_topk(iq, iw, ik[:, :n], nvis, self.cfg.index_topk)
         scores = index_scores(iq, iw, ik[:, :n])  # [B, L, n]
         return topk_indices(scores, part.mask(a, e, n), self.cfg.index_topk)
 

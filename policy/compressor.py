@@ -107,6 +107,13 @@ class Compressor(nn.Module):
         slots the last c; the softmax runs over slots, separately for each channel.
         """
         c, m = self.head_dim, self.ratio
+        if self.cfg.attn_impl == "triton":
+            from policy.kernels import triton_ready
+
+            if triton_ready(kv, score):  # the fused kernel (policy.kernels.triton_compressor)
+                from policy.kernels.triton_compressor import triton_pool
+
+                return triton_pool(kv, score, m, self.overlap)
         if self.overlap:
             kv = torch.cat((kv[..., :m, :c], kv[..., m:, c:]), dim=-2)
             score = torch.cat((score[..., :m, :c], score[..., m:, c:]), dim=-2)

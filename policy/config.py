@@ -66,9 +66,11 @@ class V4Config:
         kv_quant_block: FP8 scale block of the KV nope dims (64).
         index_quant_block: FP4 (MXFP4) scale block of the indexer keys and queries (32).
         dtype: parameter dtype name ("float32" for CPU training, "bfloat16" as in the release).
-        attn_impl: attention core: "torch" (default; dense-mask kernel of policy.kernels) or
-            "triton" (the gathered-index Triton kernel of policy.kernels.triton_sparse_attn; on
-            CPU tensors it needs the Triton interpreter, TRITON_INTERPRET=1). Forward only.
+        attn_impl: attention kernels: "torch" (default; dense-mask kernel of policy.kernels) or
+            "triton" (Triton kernels of policy.kernels, forward only: compressed attention over
+            the window and the chosen / visible entries, decode reading the cache's stored FP8
+            bytes, fused indexer scores + top-k, compressor pooling; on CPU tensors it needs
+            the Triton interpreter, TRITON_INTERPRET=1).
         attn_path: how the full-sequence forward and the cached extend lay out their keys:
             "blocksparse" (default; per query chunk only the window slice and the visible or
             selected compressed entries, policy.kernels.blocksparse: memory O(S (W + k))) or

@@ -56,6 +56,15 @@ def check_triton(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor) -> None:
         raise ValueError("attn_impl 'triton' has no backward; train with attn_impl 'torch'")
 
 
+def triton_ready(*tensors: torch.Tensor) -> bool:
+    """True where a Triton kernel can replace a torch op on ``tensors``: on CUDA or under the
+    interpreter (TRITON_INTERPRET=1), with no gradient needed (the kernels have no backward)."""
+    dev = tensors[0].device
+    if dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 def triton_gathered(
     q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor, scale: float
 ) -> torch.Tensor:

@@ -135,7 +135,7 @@ def blocksparse_attention(
         prev / prev_ok: [B, W, c] / [B, W] bool: the W tokens before the first query, oldest
             first, and which of them exist; None: the sequence starts at position 0.
         comp: the compressed entries (CSA / HCA layers) or None (sliding window only).
-        impl: "torch" (autograd) or "triton" (gathered-index kernel, forward only).
+        impl: "torch" (autograd) or "triton" (the compressed-attention kernel, forward only).
     Returns:
         o: [B, S, H, c] in q's dtype.
     """
@@ -216,22 +216,26 @@ def _chunk_torch(q, kvp, prev_ok, a, w, comp, sink, scale):
 
 # --------------------------------------------------------------------------- triton chunk
 def _chunk_triton(q, kvp, prev_ok, a, w, comp, sink, scale):
-    """The same chunk through the gathered-index Triton kernel: keys [timeline a - W .. e - 1 |
-    visible compressed entries], one index list per query."""
+    """The same chunk through the compressed-attention Triton kernel: window keys named by
+    index lists into the timeline, compressed entries read in place (CSA: the chosen indices;
+    HCA: the first ``count`` visible ones), nothing concatenated or gathered."""
+    from policy.kernels.triton_compressed_attn import Entries, triton_compressed_attention
+
     ln = q.shape[1]
     e = a + ln
     dev = q.device
     loc = torch.arange(ln, device=dev)[:, None] + 1 + torch.arange(w, device=dev)  # [L, W]
     u = a - w + loc  # timeline position of each window key (< 0: the prev slots)
     ok = torch.where(u >= 0, True, prev_ok[:, (u + w).clamp(0, w - 1)])  # [B, L, W]
-    keys, idx = [kvp[:, a : a + w + ln]], [torch.where(ok, loc, -1)]
+    win_idx = torch.where(ok, a + loc, -1)
     n = 0 if comp is None else comp.visible(a, e)
-    if n:
-        keys.append(f32(comp.entries[:, :n]))
-        if comp.select is None:
-            cidx = torch.arange(n, device=dev).expand(q.shape[0], ln, n)
-            cidx = cidx.masked_fill(~comp.mask(a, e, n), -1)
-        else:
-            cidx = comp.select(a, e, n)
-        idx.append(torch.where(cidx >= 0, cidx + w + ln, -1))
-    return kernels.triton_gathered(q, torch.cat(keys, 1), torch.cat(idx, -1), sink, scale)
+    if n == 0:
+        return triton_compressed_attention(q, sink, scale, Entries(kvp), win_idx)
+    entries = Entries(comp.entries[:, :n])
+    if comp.select is None:
+        count = ((comp.pos[:, a:e] + 1) // comp.ratio).clamp(0, n)
+        return triton_compressed_attention(
+            q, sink, scale, Entries(kvp), win_idx, entries, comp_count=count
+        )
+    cidx = comp.select(a, e, n)
+    return triton_compressed_attention(q, sink, scale, Entries(kvp), win_idx, entries, cidx)
