@@ -1,0 +1,350 @@
+"""Attention cost of one decode step against context length: CSA and HCA layers vs dense attention.
+
+CPU table: one layer of the ``demo`` preset (H = 4 heads of c = 128, window W = 32; CSA m = 4,
+indexer 4 heads x 128, top-k 16; HCA m' = 32), FP8 KV cache, random weights, one sequence
+whose cache holds n = 8K / 32K / 128K tokens (ring, compressed entries and indexer keys filled
+with random entries; filling is not timed). Measured per step, minimum over ``--repeats`` calls
+after a warm-up:
+
+- dense: one query against all n keys with the sink, the fastest of the project's dense core
+  (``policy.kernels.sparse_attention``, all keys allowed) and a plain two-matmul version; the
+  keys are an fp32 [n, c] tensor, the format the V4 decode reads (the cache's decode mirror).
+- CSA / HCA attention: what the layer's cached decode runs after its projections
+  (``Attention._decode_keys`` + ``attention_core``, attn_impl "torch", the default CPU path):
+  ring write, compressor step(s), indexer queries + scores over the n/m indexer keys + top-k
+  (CSA), gathering the chosen (CSA) or all visible (HCA) entries, one softmax with the sink.
+- CSA / HCA layer: the whole ``Attention.forward`` decode step (projections included).
+- peak: the step's peak memory above the process before it (VmHWM reset through
+  /proc/self/clear_refs, malloc's mmap threshold fixed at 64 KiB so every temporary above it is
+  fresh pages), in MiB.
+
+Times are CPU seconds of the calling thread (``time.thread_time``) with one torch thread, so
+all the work of a step runs on that thread and the figure leaves out the time the process
+waits for a core on a shared machine (wall-clock minima on the 2-core machine shared with
+other jobs were off by up to 30x). Each context runs in its own child process. The Triton
+kernels are not timed here: on a CPU they only run under the interpreter (~0.2 s per launch).
+
+Analytic table: per-token attention FLOPs at 1M tokens of ``flash`` and ``pro`` against
+DeepSeek-V3.2, with the accounting of V4_SPEC.md §8.3 from the configs (activated parameters
+counted on a meta-device model), next to the published 10% / 27%.
+
+Run: ``python bench/attention.py [--contexts 8 32 128] [--repeats 20] [--flash-widths 32 128]``
+(about 2 minutes). Writes bench/results/attention.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+K = 1024
+
+
+# --------------------------------------------------------------------------- child: one context
+def _status_bytes(key: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{key}:\s+(\d+)", text).group(1)) * 1024
+
+
+def _timed(fn, repeats: int) -> tuple[float, float]:
+    """(minimum CPU seconds of the calling thread over ``repeats`` calls after 3 warm-up calls,
+    peak bytes of one call). With one torch thread all the work runs on this thread, so its CPU
+    time does not count the time the process waits for a core on a shared machine."""
+    for _ in range(3):
+        fn()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM)
+    before = _status_bytes("VmRSS")
+    fn()
+    peak = max(0, _status_bytes("VmHWM") - before)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.thread_time()
+        fn()
+        best = min(best, time.thread_time() - t0)
+    return best, peak
+
+
+def _layer(cfg, kind: str):
+    import torch
+
+    from policy.attention import Attention
+
+    layer_id = next(i for i in range(cfg.num_hidden_layers) if cfg.layer_kind(i) == kind)
+    attn = Attention(cfg, layer_id).eval()
+    with torch.no_grad():
+        for name, p in attn.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("ape") or name == "attn_sink":
+                p.zero_()
+            else:
+                p.normal_(0, p.shape[-1] ** -0.5)
+    return attn
+
+
+def _filled_cache(attn, n: int):
+    """A one-row LayerCache holding n tokens of random entries (ring, compressed, indexer)."""
+    import torch
+
+    from policy.kv_cache import LayerCache
+
+    cfg = attn.cfg
+    cache = LayerCache(cfg, attn.layer_id, 1, n + 64, "cpu")
+    g = torch.Generator().manual_seed(0)
+
+    def fill(store, count, dim, step=8192):
+        for a in range(0, count, step):
+            e = min(count, a + step)
+            slots = torch.arange(a, e)
+            store.write(torch.zeros_like(slots), slots, torch.randn(e - a, dim, generator=g))
+
+    fill(cache.window, cfg.sliding_window, cfg.head_dim)
+    if attn.kind != "swa":
+        fill(cache.comp, n // attn.ratio, cfg.head_dim)
+    if attn.kind == "csa":
+        fill(cache.index, n // attn.ratio, cfg.index_head_dim)
+    return cache
+
+
+def _dense_lean(q, keys, sink, scale):
+    """q [H, c], keys [n, c] -> [H, c]: softmax with the sink over all keys, two matmuls."""
+    import torch
+
+    logits = torch.mm(keys, q.T) * scale  # [n, H]
+    mx = torch.maximum(logits.amax(dim=0), sink)
+    p = torch.exp(logits - mx)
+    denom = p.sum(dim=0) + torch.exp(sink - mx)
+    return torch.mm(p.T, keys) / denom[:, None]
+
+
+def _dense(n: int, h: int, c: int, repeats: int) -> dict:
+    """The dense baseline at n keys: the faster of the project's core and the lean version."""
+    import torch
+
+    from policy.kernels import sparse_attention
+
+    keys, q, sink = torch.randn(n, c), torch.randn(h, c), torch.zeros(h)
+    allowed = torch.ones(1, 1, n, dtype=torch.bool)
+    scale = c**-0.5
+    t_core, m_core = _timed(
+        lambda: sparse_attention(q[None, None], keys[None], allowed, sink, scale), repeats
+    )
+    t_lean, m_lean = _timed(lambda: _dense_lean(q, keys, sink, scale), repeats)
+    best = min((t_core, m_core), (t_lean, m_lean))
+    return {
+        "dense_core_ms": 1e3 * t_core,
+        "dense_lean_ms": 1e3 * t_lean,
+        "dense_ms": 1e3 * best[0],
+        "dense_peak_mib": best[1] / 2**20,
+    }
+
+
+def _compressed(cfg, kind: str, n: int, repeats: int) -> dict:
+    """Decode-step attention and whole-layer times of one ``kind`` layer at n cached tokens."""
+    import torch
+
+    from policy.kernels import attention_core
+    from policy.rope import apply_rope, rope_tables
+
+    attn = _layer(cfg, kind)
+    cache = _filled_cache(attn, n)
+    x = torch.randn(1, 1, cfg.hidden_size)
+    pos = torch.tensor([[n]])
+    rope = rope_tables(pos, attn.inv_freq, x.device)
+    kv = apply_rope(attn.kv_norm(attn.wkv(x)), pos, attn.inv_freq, tables=rope)
+    qr, q = attn._queries(x, pos, rope)
+
+    def step():  # everything the decode runs between its projections
+        keys, allowed = attn._decode_keys(x, qr, kv, pos, cache, rope)
+        return attention_core(q, keys, allowed, attn.attn_sink, attn.softmax_scale, "torch")
+
+    t_att, m_att = _timed(step, repeats)
+    t_lay, m_lay = _timed(lambda: attn(x, pos, cache), repeats)
+    n_comp = n // attn.ratio
+    return {
+        f"{kind}_attn_ms": 1e3 * t_att,
+        f"{kind}_attn_peak_mib": m_att / 2**20,
+        f"{kind}_layer_ms": 1e3 * t_lay,
+        f"{kind}_layer_peak_mib": m_lay / 2**20,
+        f"{kind}_keys": cfg.sliding_window
+        + (min(cfg.index_topk, n_comp) if kind == "csa" else n_comp),
+    }
+
+
+def child(n: int, repeats: int, preset: str) -> dict:
+    import torch
+
+    from policy.config import V4Config
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = V4Config.from_preset(preset, max_position_embeddings=n + 64, dtype="float32")
+    out: dict = {"tokens": n, "preset": preset}
+    with torch.inference_mode():
+        out.update(_dense(n, cfg.num_attention_heads, cfg.head_dim, repeats))
+        for kind in ("csa", "hca"):
+            out.update(_compressed(cfg, kind, n, repeats))
+    return out
+
+
+# --------------------------------------------------------------------------- analytic FLOPs
+V32 = {"layers": 61, "heads": 128, "keys": 2048, "c_qk": 576, "c_v": 512, "activated": 37e9}
+V32_INDEX = {"heads": 64, "dim": 128}
+
+
+def activated_params(cfg) -> float:
+    """Parameters one token multiplies by in the main layers and the head (no embedding table,
+    no MTP): every weight except the routed experts not chosen."""
+    import torch
+
+    from policy.model import V4Model
+
+    with torch.device("meta"):
+        model = V4Model(cfg)
+    total = 0
+    for name, p in model.named_parameters():
+        if name.startswith(("mtp.", "embed.")):
+            continue
+        n = p.numel()
+        if ".ffn.experts." in name:
+            n = n * cfg.num_experts_per_tok / cfg.n_routed_experts
+        total += n
+    return float(total)
+
+
+def flops_per_token(cfg, t: int) -> dict:
+    """V4_SPEC.md §8.3 accounting for one decoded token at context t (main layers)."""
+    h, c = cfg.num_attention_heads, cfg.head_dim
+    attn = index = 0.0
+    for i in range(cfg.num_hidden_layers):
+        kind, m = cfg.layer_kind(i), cfg.compress_ratios[i]
+        w = cfg.sliding_window
+        keys = {"swa": w, "csa": cfg.index_topk + w, "hca": t // max(m, 1) + w}[kind]
+        attn += 2 * h * keys * (c + c)
+        if kind == "csa":
+            index += 2 * cfg.index_n_heads * cfg.index_head_dim * (t // m)
+    linear = 2 * activated_params(cfg)
+    return {"linear": linear, "attention": attn, "indexer": index}
+
+
+def v32_flops(t: int) -> dict:
+    attn = V32["layers"] * 2 * V32["heads"] * V32["keys"] * (V32["c_qk"] + V32["c_v"])
+    index = V32["layers"] * 2 * V32_INDEX["heads"] * V32_INDEX["dim"] * t
+    return {"linear": 2 * V32["activated"], "attention": attn, "indexer": index}
+
+
+def fp8_equivalent(f: dict, index_weight: float) -> float:
+    """BF16 attention counts 2x, linear (FP8) 1x, the indexer ``index_weight`` (V3.2 FP8: 1,
+    V4 FP4: 0.5): the weighting §8.3 found to reproduce the published figures."""
+    return f["linear"] + 2 * f["attention"] + index_weight * f["indexer"]
+
+
+def analytic(t: int = 1 << 20) -> list[dict]:
+    from policy.config import V4Config
+
+    base = v32_flops(t)
+    rows = [
+        {"model": "V3.2", **base, "total": sum(base.values()), "fp8eq": fp8_equivalent(base, 1)}
+    ]
+    for name, published in (("flash", 0.10), ("pro", 0.27)):
+        f = flops_per_token(V4Config.from_preset(name), t)
+        rows.append(
+            {
+                "model": name,
+                **f,
+                "total": sum(f.values()),
+                "fp8eq": fp8_equivalent(f, 0.5),
+                "published": published,
+            }
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------- driver
+def _run_child(n: int, repeats: int, preset: str) -> dict:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    cmd = [sys.executable, __file__, "--child", str(n), str(repeats), preset]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{preset} {n} failed:\n{done.stderr[-4000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"  {preset} {n // K}K: {json.dumps(result)}", flush=True)
+    return result
+
+
+def _report(res: dict) -> None:
+    print(
+        "\n| widths | context | dense | CSA attention | dense / CSA | HCA attention | dense / HCA "
+        "| CSA layer | HCA layer | peak MiB dense / CSA / HCA |"
+        "\n|---|---|---|---|---|---|---|---|---|---|"
+    )
+    for r in res["cpu"]:
+        d = r["dense_ms"]
+        print(
+            f"| {r['preset']} | {r['tokens'] // K}K | {d:.2f} ms | {r['csa_attn_ms']:.2f} ms "
+            f"| {d / r['csa_attn_ms']:.1f}x | {r['hca_attn_ms']:.2f} ms "
+            f"| {d / r['hca_attn_ms']:.1f}x | {r['csa_layer_ms']:.2f} ms "
+            f"| {r['hca_layer_ms']:.2f} ms | {r['dense_peak_mib']:.1f} / "
+            f"{r['csa_attn_peak_mib']:.1f} / {r['hca_attn_peak_mib']:.1f} |"
+        )
+    print(
+        "\n| 1M tokens, per token | linear | attention | indexer | total | vs V3.2 "
+        "| FP8-equivalent vs V3.2 | published |\n|---|---|---|---|---|---|---|---|"
+    )
+    base = res["analytic"][0]
+    for r in res["analytic"]:
+        g = 1e9
+        rel = "–" if r is base else f"{100 * r['total'] / base['total']:.1f}%"
+        eq = "–" if r is base else f"{100 * r['fp8eq'] / base['fp8eq']:.1f}%"
+        pub = f"{100 * r['published']:.0f}%" if "published" in r else "–"
+        print(
+            f"| {r['model']} | {r['linear'] / g:.0f} GFLOP | {r['attention'] / g:.0f} "
+            f"| {r['indexer'] / g:.0f} | {r['total'] / 1e12:.3f} TFLOP | {rel} | {eq} | {pub} |"
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[8, 32, 128], help="in K tokens")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument(
+        "--flash-widths",
+        type=int,
+        nargs="*",
+        default=[32, 128],
+        help="contexts (K tokens) also run with one layer of flash widths (none: skip)",
+    )
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "attention.json")
+    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        n, repeats, preset = args.child
+        print(json.dumps(child(int(n), int(repeats), preset)))
+        return
+    runs = [(n, "demo", args.repeats) for n in args.contexts]
+    runs += [(n, "flash", min(args.repeats, 5)) for n in args.flash_widths]
+    res: dict = {
+        "machine": platform.machine(),
+        "threads": 1,
+        "clock": "thread CPU time",
+        "repeats": args.repeats,
+        "cpu": [_run_child(n * K, r, preset) for n, preset, r in runs],
+        "analytic": analytic(),
+    }
+    _report(res)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
