@@ -31,7 +31,8 @@ from policy.config import V4Config
 from policy.indexer import Indexer, index_scores, topk_indices
 from policy.kernels import attention_core
 from policy.kernels.blocksparse import CompressedKeys, chunk_attention, chunk_queries, timeline
-from policy.layers import Linear, RMSNorm, unit_rms
+from policy.layers import Linear, QLinear, RMSNorm, unit_rms
+from policy.quant import bf16_attention, bf16_unit_rms
 from policy.rope import apply_rope, rope_inv_freq, rope_tables
 
 
@@ -45,14 +46,14 @@ class Attention(nn.Module):
         self.n_heads, self.head_dim, self.window = h, c, cfg.sliding_window
         self.groups, self.o_rank = cfg.o_groups, cfg.o_lora_rank
         self.softmax_scale = c**-0.5
-        self.wq_a = Linear(d, cfg.q_lora_rank)
+        self.wq_a = QLinear(d, cfg.q_lora_rank, cfg.numerics)
         self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-        self.wq_b = Linear(cfg.q_lora_rank, h * c)
-        self.wkv = Linear(d, c)
+        self.wq_b = QLinear(cfg.q_lora_rank, h * c, cfg.numerics)
+        self.wkv = QLinear(d, c, cfg.numerics)
         self.kv_norm = RMSNorm(c, cfg.rms_norm_eps)
         # official 2-D weight [g * d_g, h * c / g], used as [g, d_g, h * c / g]
         self.wo_a = Linear(h * c // self.groups, self.groups * self.o_rank)
-        self.wo_b = Linear(self.groups * self.o_rank, d)
+        self.wo_b = QLinear(self.groups * self.o_rank, d, cfg.numerics)
         self.attn_sink = nn.Parameter(torch.zeros(h, dtype=torch.float32))
         if self.kind != "swa":
             self.compressor = Compressor(cfg, self.ratio, c)
@@ -77,8 +78,11 @@ class Attention(nn.Module):
         cfg, s = self.cfg, x.shape[1]
         rope = rope_tables(pos, self.inv_freq, x.device)  # shared by q, kv, output, indexer
         kv = apply_rope(self.kv_norm(self.wkv(x)), pos, self.inv_freq, tables=rope)  # [B, S, c]
+        official = cfg.numerics == "official"
+        if official:  # the official rounding, once: the cache's own quantisation keeps it exact
+            kv = quantize_kv(kv, cfg)
         decode = cache is not None and fill_lengths is None
-        if cfg.attn_path == "blocksparse" and not decode:
+        if cfg.attn_path == "blocksparse" and not decode and not official:
             return self._blocksparse(x, kv, pos, cache, fill_lengths, rope)
         qr, q = self._queries(x, pos, rope)
         if cache is None:
@@ -93,14 +97,18 @@ class Attention(nn.Module):
                 o = decode_attention(self, x, qr, q, kv, pos, cache, rope)
                 return self._output(o, pos, rope)
             keys, allowed = self._decode_keys(x, qr, kv, pos, cache, rope)
-        o = attention_core(q, keys, allowed, self.attn_sink, self.softmax_scale, cfg.attn_impl)
+        if official:
+            o = bf16_attention(q, keys, allowed, self.attn_sink, self.softmax_scale)
+        else:
+            o = attention_core(q, keys, allowed, self.attn_sink, self.softmax_scale, cfg.attn_impl)
         return self._output(o, pos, rope)
 
     def _queries(self, x, pos, rope):
         """x [B, S, d] -> (qr [B, S, d_c], q [B, S, H, c] unit-RMS, RoPE at pos)."""
         qr = self.q_norm(self.wq_a(x))
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
-        q = apply_rope(unit_rms(q, self.cfg.rms_norm_eps), pos, self.inv_freq, tables=rope)
+        norm = bf16_unit_rms if self.cfg.numerics == "official" else unit_rms
+        q = apply_rope(norm(q, self.cfg.rms_norm_eps), pos, self.inv_freq, tables=rope)
         return qr, q
 
     def _output(self, o, pos, rope):
@@ -126,7 +134,7 @@ class Attention(nn.Module):
             if self.kind == "csa":
                 pos = t.expand(b, s)
                 iq, iw = self.indexer.queries(qr, x, pos, self.inv_freq, rope)
-                vis = self._select(index_scores(iq, iw, ik), vis)
+                vis = self._select(index_scores(iq, iw, ik, self.cfg.numerics), vis)
             keys.append(comp)
             allowed.append(vis)
         return torch.cat(keys, dim=1), torch.cat(allowed, dim=-1)
@@ -172,7 +180,8 @@ class Attention(nn.Module):
         vis = (torch.arange(1, n + 1, device=dev) * m)[None, None] <= pos[:, :, None] + 1
         if self.kind == "csa":
             iq, iw = self.indexer.queries(qr, x, pos, self.inv_freq, rope)
-            vis = self._select(index_scores(iq, iw, cache.index.read(n)), vis)
+            scores = index_scores(iq, iw, cache.index.read(n), self.cfg.numerics)
+            vis = self._select(scores, vis)
         keys.append(cache.comp.read(n))
         allowed.append(vis)
         return torch.cat(keys, dim=1), torch.cat(allowed, dim=-1)
@@ -255,7 +264,7 @@ class Attention(nn.Module):
 
             nvis = (part.pos[:, a:e] + 1) // self.ratio
             return triton_indexer_topk(iq, iw, ik[:, :n], nvis, self.cfg.index_topk)
-        scores = index_scores(iq, iw, ik[:, :n])  # [B, L, n]
+        scores = index_scores(iq, iw, ik[:, :n], self.cfg.numerics)  # [B, L, n]
         return topk_indices(scores, part.mask(a, e, n), self.cfg.index_topk)
 
     # ------------------------------------------------------------------ decode
@@ -284,7 +293,7 @@ class Attention(nn.Module):
                 if ientry is not None:  # the same rows complete the indexer's block
                     cache.index.write(er, es, ientry[emit])
                 iq, iw = self.indexer.queries(qr, x, pos, self.inv_freq, rope)
-                scores = index_scores(iq, iw, cache.index.read(n))  # [B, 1, N]
+                scores = index_scores(iq, iw, cache.index.read(n), self.cfg.numerics)  # [B, 1, N]
                 idx = topk_indices(scores, vis[:, None], self.cfg.index_topk)[:, 0]  # [B, K]
                 keys.append(cache.comp.gather(idx.clamp(min=0)))
                 allowed.append(idx >= 0)

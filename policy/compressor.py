@@ -20,7 +20,13 @@ from torch import nn
 
 from policy.config import V4Config
 from policy.layers import Linear, RMSNorm, f32
-from policy.quant import fake_quant_fp4, fake_quant_fp8
+from policy.quant import (
+    FP4_AMAX_FLOOR,
+    FP8_AMAX_FLOOR,
+    fake_quant_fp4,
+    fake_quant_fp8,
+    round_to,
+)
 from policy.rope import apply_rope
 
 
@@ -38,24 +44,23 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     return x.float() @ _hadamard_matrix(x.shape[-1], x.device)
 
 
-def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Round x to ``dtype`` and back (straight-through gradient)."""
-    if dtype == x.dtype or (dtype == torch.float32 and x.dtype == torch.float64):
-        return x
-    return x + (x.detach().to(dtype).to(x.dtype) - x.detach())
-
-
 def quantize_kv(kv: torch.Tensor, cfg: V4Config) -> torch.Tensor:
     """Fake-quantise kv [..., c] exactly as the cache stores it (straight-through gradient).
 
     fp8: nope dims FP8 e4m3 with ue8m0 scales per ``kv_quant_block``, RoPE dims BF16;
-    bfloat16 / float32: every dim rounded to that dtype.
+    bfloat16 / float32: every dim rounded to that dtype. numerics "official": the FP8 rule sees
+    the nope dims rounded to BF16 and floors their amax at 1e-4.
     """
     if cfg.kv_dtype != "fp8":
         return round_to(kv, getattr(torch, cfg.kv_dtype))
     nope = cfg.nope_head_dim
     rope = round_to(kv[..., nope:], torch.bfloat16)
-    return torch.cat((fake_quant_fp8(kv[..., :nope], cfg.kv_quant_block), rope), -1)
+    if cfg.numerics == "official":
+        x = round_to(kv[..., :nope], torch.bfloat16)
+        x = fake_quant_fp8(x, cfg.kv_quant_block, amax_floor=FP8_AMAX_FLOOR)
+    else:
+        x = fake_quant_fp8(kv[..., :nope], cfg.kv_quant_block)
+    return torch.cat((x, rope), -1)
 
 
 def rotate_index(x: torch.Tensor, cfg: V4Config) -> torch.Tensor:
@@ -67,10 +72,12 @@ def rotate_index(x: torch.Tensor, cfg: V4Config) -> torch.Tensor:
 
 def quantize_index(x: torch.Tensor, cfg: V4Config) -> torch.Tensor:
     """Indexer q/k: ``rotate_index``, then FP4 (MXFP4) fake-quantisation when kv_dtype='fp8',
-    else rounding to kv_dtype. x [..., c] -> fp32 [..., c]."""
+    else rounding to kv_dtype. x [..., c] -> fp32 [..., c]. numerics "official": the FP4 amax
+    is floored at 6 * 2^-126."""
     x = rotate_index(x, cfg)
     if cfg.kv_dtype == "fp8":
-        return fake_quant_fp4(x, cfg.index_quant_block)
+        floor = FP4_AMAX_FLOOR if cfg.numerics == "official" else 0.0
+        return fake_quant_fp4(x, cfg.index_quant_block, amax_floor=floor)
     return round_to(x, getattr(torch, cfg.kv_dtype))
 
 
@@ -125,8 +132,11 @@ class Compressor(nn.Module):
         """Norm -> RoPE at ``pos`` (block's first token) -> (indexer: Hadamard) -> quantisation.
 
         entry [B, N, c] fp32. ``quant=False`` leaves the rounding to the cache, which applies
-        the same quantisation when it stores the entry.
+        the same quantisation when it stores the entry; numerics "official" quantises here all
+        the same (the cache's rule has no BF16 step or amax floor, and quantising the quantised
+        values again is exact).
         """
+        quant = quant or self.cfg.numerics == "official"
         entry = self.norm(entry.to(self.wkv.weight.dtype))
         entry = apply_rope(entry, pos, inv_freq)
         if self.for_indexer:

@@ -17,6 +17,7 @@ from typing import Any
 KV_DTYPES = ("fp8", "bfloat16", "float32")
 ATTN_IMPLS = ("torch", "triton")
 ATTN_PATHS = ("blocksparse", "dense")
+NUMERICS = ("reference", "official")
 
 
 @dataclass
@@ -76,6 +77,14 @@ class V4Config:
             selected compressed entries, policy.kernels.blocksparse: memory O(S (W + k))) or
             "dense" (all S raw tokens and N entries under a [B, S, S + N] mask: the quadratic
             reference). Both give the same outputs and gradients; decode is the same for both.
+        numerics: "reference" (default: fp32 quantisers and index scores, no activation
+            quantisation) or "official" (the rounding of DeepSeek's inference kernels: FP8
+            activations at every GEMM whose weight is FP8 / FP4 in the official checkpoint,
+            BF16 before every quantiser, amax floors, BF16 index scores, attention with BF16
+            operands; see policy.quant). Every path follows it: full forward (training, the
+            learner's logprobs), prefill, cached extend and decode. "official" runs the dense
+            attention layout whatever ``attn_path`` says, with the torch core (``attn_impl``
+            must be "torch").
     """
 
     vocab_size: int = 129280
@@ -125,6 +134,7 @@ class V4Config:
     dtype: str = "float32"
     attn_impl: str = "torch"
     attn_path: str = "blocksparse"
+    numerics: str = "reference"
 
     def __post_init__(self) -> None:
         self.compress_ratios = tuple(int(r) for r in self.compress_ratios)
@@ -161,6 +171,13 @@ class V4Config:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
         if self.attn_path not in ATTN_PATHS:
             raise ValueError(f"attn_path must be one of {ATTN_PATHS}, got {self.attn_path!r}")
+        if self.numerics not in NUMERICS:
+            raise ValueError(f"numerics must be one of {NUMERICS}, got {self.numerics!r}")
+        if self.numerics == "official" and self.attn_impl != "torch":
+            raise ValueError(
+                f"numerics='official' needs attn_impl='torch' (the Triton kernel does not apply "
+                f"the official rounding), got attn_impl={self.attn_impl!r}"
+            )
         if self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):

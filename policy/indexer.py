@@ -12,7 +12,8 @@ from torch import nn
 from policy.compressor import Compressor, quantize_index
 from policy.config import V4Config
 from policy.kernels import MAX_BLOCK_ELEMS
-from policy.layers import Linear
+from policy.layers import Linear, QLinear
+from policy.quant import bf16_index_scores, bf16_index_weights
 from policy.rope import apply_rope
 
 
@@ -22,7 +23,7 @@ class Indexer(nn.Module):
         self.cfg = cfg
         self.n_heads, self.head_dim = cfg.index_n_heads, cfg.index_head_dim
         self.topk = cfg.index_topk
-        self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim)
+        self.wq_b = QLinear(cfg.q_lora_rank, self.n_heads * self.head_dim, cfg.numerics)
         self.weights_proj = Linear(cfg.hidden_size, self.n_heads)
         self.compressor = Compressor(cfg, ratio, self.head_dim, for_indexer=True)
 
@@ -34,17 +35,23 @@ class Indexer(nn.Module):
         inv_freq: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """qr [B, S, d_c], x [B, S, d], pos [B, S] -> q [B, S, h, c] fp32, w [B, S, h] fp32.
+        """qr [B, S, d_c], x [B, S, d], pos [B, S] -> q [B, S, h, c] fp32, w [B, S, h] fp32
+        (numerics "official": BF16, ``policy.quant.bf16_index_weights``).
 
         ``rope``: the ``rope_tables`` of pos when the caller has them."""
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
         q = quantize_index(apply_rope(q, pos, inv_freq, tables=rope), self.cfg)
-        w = self.weights_proj(x).float() * (self.head_dim**-0.5 * self.n_heads**-0.5)
-        return q, w
+        scale = self.head_dim**-0.5 * self.n_heads**-0.5
+        if self.cfg.numerics == "official":
+            return q, bf16_index_weights(self.weights_proj(x), scale)
+        return q, self.weights_proj(x).float() * scale
 
 
-def index_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """q [B, S, h, c], w [B, S, h], keys k [B, N, c] -> scores [B, S, N] fp32.
+def index_scores(
+    q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, numerics: str = "reference"
+) -> torch.Tensor:
+    """q [B, S, h, c], w [B, S, h], keys k [B, N, c] -> scores [B, S, N] fp32 (numerics
+    "official": computed in BF16 by ``policy.quant.bf16_index_scores``, returned as fp32).
 
     Long sequences run in query chunks so the [B, S, h, N] logits never exist at once. The
     scores only feed the top-k choice, which has no gradient: no autograd graph is built.
@@ -53,9 +60,14 @@ def index_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> torch.Ten
     step = max(1, MAX_BLOCK_ELEMS // max(1, b * h * k.shape[1]))
     if s > step:
         return torch.cat(
-            [index_scores(q[:, i : i + step], w[:, i : i + step], k) for i in range(0, s, step)],
+            [
+                index_scores(q[:, i : i + step], w[:, i : i + step], k, numerics)
+                for i in range(0, s, step)
+            ],
             dim=1,
         )
+    if numerics == "official":
+        return bf16_index_scores(q, w, k).float()
     with torch.no_grad():
         logits = torch.matmul(q.float().flatten(1, 2), k.float().transpose(1, 2))  # [B, S*h, N]
         logits = logits.relu_().unflatten(1, (s, h))  # [B, S, h, N]

@@ -1,9 +1,13 @@
-"""Small layers: weighted RMSNorm (fp32 math), unit RMS, and a bias-free Linear."""
+"""Small layers: weighted RMSNorm (fp32 math), unit RMS, a bias-free Linear and its variant for
+the GEMMs whose weight is FP8 / FP4 in the official checkpoint."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from policy.quant import act_quant_linear
 
 
 def f32(t: torch.Tensor) -> torch.Tensor:
@@ -46,3 +50,20 @@ class Linear(nn.Linear):
 
     def reset_parameters(self) -> None:
         pass
+
+
+class QLinear(Linear):
+    """A ``Linear`` whose weight is FP8 or FP4 in the official checkpoint. With numerics
+    "official" its input follows the FP8 activation rule and the product accumulates in fp32
+    per 128-wide K block (``policy.quant.act_quant_linear``); with "reference" it is a Linear.
+    The weight itself stays in the model's dtype (``policy.checkpoint.round_to_official`` rounds
+    weights to the checkpoint formats)."""
+
+    def __init__(self, in_features: int, out_features: int, numerics: str = "reference"):
+        super().__init__(in_features, out_features)
+        self.numerics = numerics
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.numerics == "official":
+            return act_quant_linear(x, self.weight)
+        return F.linear(x, self.weight)

@@ -19,7 +19,7 @@ from torch import nn
 from policy.attention import Attention
 from policy.config import V4Config
 from policy.kv_cache import KVCache
-from policy.layers import Linear, RMSNorm
+from policy.layers import Linear, QLinear, RMSNorm
 from policy.mhc import hc_mixes, hc_post, hc_pre, sinkhorn_split
 from policy.moe import MoE
 
@@ -72,8 +72,8 @@ class MTPBlock(Block):
     def __init__(self, cfg: V4Config, layer_id: int):
         super().__init__(cfg, layer_id)
         d, n = cfg.hidden_size, cfg.hc_mult
-        self.e_proj = Linear(d, d)
-        self.h_proj = Linear(d, d)
+        self.e_proj = QLinear(d, d, cfg.numerics)
+        self.h_proj = QLinear(d, d, cfg.numerics)
         self.enorm = RMSNorm(d, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(d, cfg.rms_norm_eps)
         self.norm = RMSNorm(d, cfg.rms_norm_eps)

@@ -11,17 +11,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from policy.config import V4Config
-from policy.layers import Linear, as_dtype, f32
+from policy.layers import QLinear, as_dtype, f32
 
 
 class Expert(nn.Module):
     """SwiGLU FFN with the V4 clamp: gate <= limit, up in [-limit, limit]."""
 
-    def __init__(self, dim: int, inter: int, limit: float):
+    def __init__(self, dim: int, inter: int, limit: float, numerics: str = "reference"):
         super().__init__()
-        self.w1 = Linear(dim, inter)  # gate
-        self.w2 = Linear(inter, dim)  # down
-        self.w3 = Linear(dim, inter)  # up
+        self.w1 = QLinear(dim, inter, numerics)  # gate
+        self.w2 = QLinear(inter, dim, numerics)  # down
+        self.w3 = QLinear(dim, inter, numerics)  # up
         self.limit = limit
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -85,9 +85,11 @@ class MoE(nn.Module):
         d, inter = cfg.hidden_size, cfg.moe_intermediate_size
         self.gate = Gate(cfg, layer_id)
         self.experts = nn.ModuleList(
-            Expert(d, inter, cfg.swiglu_limit) for _ in range(cfg.n_routed_experts)
+            Expert(d, inter, cfg.swiglu_limit, cfg.numerics) for _ in range(cfg.n_routed_experts)
         )
-        self.shared_experts = Expert(d, inter * cfg.n_shared_experts, cfg.swiglu_limit)
+        self.shared_experts = Expert(
+            d, inter * cfg.n_shared_experts, cfg.swiglu_limit, cfg.numerics
+        )
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [B, S, d], ids [B, S] -> [B, S, d]."""

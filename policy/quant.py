@@ -11,8 +11,14 @@ Formats (V4_SPEC.md §3, §8, §9.1):
 Scale rule: ``scale = 2^ceil(log2(amax / qmax))`` per block (qmax 448 or 6), the smallest power of
 two with ``amax / scale <= qmax``, computed exactly (no float log rounding) and clamped to the
 e8m0 range [2^-127, 2^127]. An all-zero block gets the smallest scale 2^-127 and quantises to
-zeros. (The reference kernels clamp amax to at least 1e-4 instead; this only changes blocks whose
-amax is below 1e-4, which here keep their precision instead of flushing towards zero.)
+zeros. The official kernels floor amax at 1e-4 (FP8) and 6 · 2^-126 (FP4); ``amax_floor`` applies
+that (``numerics="official"``); without it, blocks whose amax is below the floor keep their
+precision instead of flushing towards zero.
+
+Official inference numerics (the last section, ``V4Config.numerics == "official"``): the FP8
+activation rule at the input of the GEMMs whose weight is FP8 / FP4 in the official checkpoint,
+with fp32 accumulation per 128-wide K block; BF16 rounding before every quantiser; index scores
+in BF16; attention q·K and P·V with BF16 operands; the per-head query RMS norm in BF16.
 
 Special values:
 
@@ -43,6 +49,9 @@ FP8_DTYPE = torch.float8_e4m3fn
 SCALE_DTYPE = torch.float8_e8m0fnu
 WEIGHT_BLOCK = 128
 FP4_BLOCK = 32
+ACT_BLOCK = 128  # official FP8 activation blocks along K
+FP8_AMAX_FLOOR = 1e-4  # official floor of the FP8 amax (an fp32 constant)
+FP4_AMAX_FLOOR = 6.0 * 2.0**-126  # official floor of the FP4 amax: scale >= 2^-126
 
 E8M0_MIN_EXP = -127
 E8M0_MAX_EXP = 127
@@ -143,6 +152,12 @@ def _finite_amax(xb: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return xb.abs().nan_to_num(nan=0.0, posinf=0.0).amax(dim=dims)
 
 
+def _floored_amax(xb: torch.Tensor, floor: float) -> torch.Tensor:
+    """Finite amax over the last dim of blocks xb [..., n, block], at least ``floor`` (fp32)."""
+    amax = _finite_amax(xb, (-1,))
+    return amax.clamp(min=floor) if floor else amax
+
+
 def _check_float(x: torch.Tensor, name: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -176,7 +191,7 @@ def _to_fp8(y: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_fp8(
-    x: torch.Tensor, block: int, *, scale: torch.Tensor | None = None
+    x: torch.Tensor, block: int, *, scale: torch.Tensor | None = None, amax_floor: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise to FP8 e4m3 with one power-of-two scale per ``block`` elements of the last dim.
 
@@ -185,6 +200,8 @@ def quantize_fp8(
         block: elements per scale (64 for the KV cache, 128 for activations).
         scale: optional fixed scales [..., D // block] (e8m0 or float powers of two); values that
             do not fit saturate to ±448 · scale. Default: the dynamic rule of the module doc.
+        amax_floor: the dynamic rule takes max(amax, amax_floor) (fp32); 0 = none,
+            ``FP8_AMAX_FLOOR`` = the official kernels' 1e-4.
 
     Returns:
         q: float8_e4m3fn [..., D]; scale: float8_e8m0fnu [..., D // block], x ≈ q · scale.
@@ -194,7 +211,7 @@ def quantize_fp8(
     d = x.shape[-1]
     xb = x.to(torch.float32).reshape(*x.shape[:-1], d // block, block)
     if scale is None:
-        exp = _block_exponent(_finite_amax(xb, (-1,)), FP8_MAX)
+        exp = _block_exponent(_floored_amax(xb, amax_floor), FP8_MAX)
         scale = e8m0_from_exponent(exp)
         inv = _exp2_exact(-exp)
     else:
@@ -240,10 +257,10 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
-def fake_quant_fp8(x: torch.Tensor, block: int) -> torch.Tensor:
+def fake_quant_fp8(x: torch.Tensor, block: int, *, amax_floor: float = 0.0) -> torch.Tensor:
     """dequantize_fp8(quantize_fp8(x)) in x's dtype [..., D]; straight-through gradient."""
     with torch.no_grad():
-        q, s = quantize_fp8(x.detach(), block)
+        q, s = quantize_fp8(x.detach(), block, amax_floor=amax_floor)
         fq = dequantize_fp8(q, s, block, x.dtype)
     return _StraightThrough.apply(x, fq) if x.requires_grad else fq
 
@@ -312,12 +329,16 @@ def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((p & 0xF, p >> 4), dim=-1).reshape(*p.shape[:-1], p.shape[-1] * 2)
 
 
-def quantize_fp4(x: torch.Tensor, block: int = FP4_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp4(
+    x: torch.Tensor, block: int = FP4_BLOCK, *, amax_floor: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise to FP4 e2m1 with one power-of-two scale per ``block`` elements of the last dim.
 
     Args:
         x: float tensor [..., D], D divisible by ``block`` (and even).
         block: elements per scale (32 for MXFP4).
+        amax_floor: the scale rule takes max(amax, amax_floor); 0 = none, ``FP4_AMAX_FLOOR`` =
+            the official kernels' 6 · 2^-126.
 
     Returns:
         packed: uint8 [..., D // 2] (element 2k in the low nibble of byte k, 2k+1 in the high);
@@ -329,7 +350,7 @@ def quantize_fp4(x: torch.Tensor, block: int = FP4_BLOCK) -> tuple[torch.Tensor,
         raise ValueError(f"FP4 block must be even to pack pairs, got block={block}")
     d = x.shape[-1]
     xb = x.to(torch.float32).reshape(*x.shape[:-1], d // block, block)
-    exp = _block_exponent(_finite_amax(xb, (-1,)), FP4_MAX)
+    exp = _block_exponent(_floored_amax(xb, amax_floor), FP4_MAX)
     scale = e8m0_from_exponent(exp)
     has_nan = torch.isnan(xb).any(dim=-1)
     if bool(has_nan.any()):
@@ -352,10 +373,12 @@ def dequantize_fp4(
     return vb.reshape(codes.shape).to(dtype)
 
 
-def fake_quant_fp4(x: torch.Tensor, block: int = FP4_BLOCK) -> torch.Tensor:
+def fake_quant_fp4(
+    x: torch.Tensor, block: int = FP4_BLOCK, *, amax_floor: float = 0.0
+) -> torch.Tensor:
     """dequantize_fp4(quantize_fp4(x)) in x's dtype [..., D]; straight-through gradient."""
     with torch.no_grad():
-        p, s = quantize_fp4(x.detach(), block)
+        p, s = quantize_fp4(x.detach(), block, amax_floor=amax_floor)
         fq = dequantize_fp4(p, s, block, x.dtype)
     return _StraightThrough.apply(x, fq) if x.requires_grad else fq
 
@@ -460,3 +483,113 @@ def fp4_to_fp8_weight(
     q, s = quantize_fp8_weight(exact, block)
     lossless = bool(torch.equal(dequantize_fp8_weight(q, s, torch.float32, block), exact))
     return q, s, lossless
+
+
+# --------------------------------------------------------------------------------------------
+# Official inference numerics (V4Config.numerics == "official")
+# --------------------------------------------------------------------------------------------
+
+
+def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round x to ``dtype`` and back (straight-through gradient)."""
+    if dtype == x.dtype or (dtype == torch.float32 and x.dtype == torch.float64):
+        return x
+    return x + (x.detach().to(dtype).to(x.dtype) - x.detach())
+
+
+def fake_quant_act(x: torch.Tensor, block: int = ACT_BLOCK) -> torch.Tensor:
+    """The official FP8 activation rule: x [..., K] -> BF16 -> FP8 e4m3 with one ue8m0 scale per
+    ``block`` elements along K, amax floored at 1e-4 -> dequantised, in x's dtype (exact: e4m3
+    times a power of two fits BF16), straight-through gradient. When ``block`` does not divide K
+    the last block is the K % block remaining elements (zero padding does not move an amax)."""
+    k = x.shape[-1]
+    pad = -k % block
+    xb = round_to(x, torch.bfloat16)
+    if pad:
+        xb = torch.nn.functional.pad(xb, (0, pad))
+    return fake_quant_fp8(xb, block, amax_floor=FP8_AMAX_FLOOR)[..., :k]
+
+
+def act_quant_linear(x: torch.Tensor, weight: torch.Tensor, block: int = ACT_BLOCK) -> torch.Tensor:
+    """x [..., K] @ weight [N, K]^T with the official FP8 GEMM numerics -> [..., N] in x's dtype.
+
+    The input goes through ``fake_quant_act``; the product accumulates in fp32 one ``block``-wide
+    slice of K at a time, the slices' partial sums added in order (the kernel's scales are powers
+    of two, so applying them before or after a slice's sum is the same).
+    """
+    xq = fake_quant_act(x, block).float()
+    w = weight.float()
+    y = torch.nn.functional.linear(xq[..., :block], w[:, :block])
+    for a in range(block, x.shape[-1], block):
+        y = y + torch.nn.functional.linear(xq[..., a : a + block], w[:, a : a + block])
+    return y.to(x.dtype)
+
+
+def bf16_unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-head query RMS norm in BF16 arithmetic: with xb = BF16(x), each step rounded to BF16,
+    xb * rsqrt(mean(xb^2) + eps), the mean accumulated in fp32 (explicitly: torch's own BF16
+    reductions round differently from one tensor shape to another). x [..., c] -> x's dtype;
+    the gradient is that of the fp32 formula (straight-through)."""
+    bf16 = torch.bfloat16
+    xb = x.detach().to(bf16).float()
+    sq = (xb * xb).to(bf16).float()
+    ms = sq.mean(-1, keepdim=True).to(bf16).float()
+    r = torch.rsqrt((ms + eps).to(bf16).float()).to(bf16).float()
+    y = (xb * r).to(bf16).to(x.dtype)
+    if not x.requires_grad:
+        return y
+    xf = x.float()
+    ref = (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return ref + (y - ref).detach()
+
+
+def bf16_index_weights(wx: torch.Tensor, scale: float) -> torch.Tensor:
+    """Indexer head weights: BF16(BF16(weights_proj(x)) [..., h] times fp32 ``scale``) -> BF16."""
+    bf16 = torch.bfloat16
+    return (wx.detach().to(bf16).float() * torch.tensor(scale, dtype=torch.float32)).to(bf16)
+
+
+def bf16_index_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Official index scores, q [B, S, h, c], w [B, S, h], k [B, N, c] -> [B, S, N] BF16:
+    q·k with BF16 operands (fp32 accumulation, rounded to BF16), ReLU, times BF16 w (products
+    rounded to BF16), summed over heads in fp32 and rounded to BF16 once. The fp32 accumulation
+    is explicit (torch's BF16 matmul and sum round differently from one shape to another).
+    No gradient."""
+    s, h = q.shape[1:3]
+    bf16 = torch.bfloat16
+    with torch.no_grad():
+        qb = q.to(bf16).float().flatten(1, 2)
+        kb = k.to(bf16).float().transpose(1, 2)
+        logits = torch.matmul(qb, kb).to(bf16).float().relu_().unflatten(1, (s, h))
+        prod = (logits * w.to(bf16).float().unsqueeze(-1)).to(bf16).float()  # [B, S, h, N]
+        return prod.sum(dim=2).to(bf16)
+
+
+def bf16_attention(
+    q: torch.Tensor, kv: torch.Tensor, allowed: torch.Tensor, sink: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Shared-KV attention with a sink (``policy.kernels.sparse_attention``'s shapes and rule)
+    in the official numerics: logits = (BF16 q · BF16 k) accumulated in fp32, times ``scale``;
+    p = exp(logits - max) in fp32, which also gives the denominator (+ exp(sink - max));
+    o = (BF16 p · BF16 v) accumulated in fp32, / denominator, in q's dtype. BF16 roundings have a
+    straight-through gradient. The max is the row's global one (the kernel's running max over key
+    blocks rescales the same values)."""
+    from policy.kernels import MAX_BLOCK_ELEMS
+
+    b, s, h, _ = q.shape
+    step = max(1, MAX_BLOCK_ELEMS // max(1, b * h * kv.shape[1]))
+    if s > step:
+        parts = [
+            bf16_attention(q[:, i : i + step], kv, allowed[:, i : i + step], sink, scale)
+            for i in range(0, s, step)
+        ]
+        return torch.cat(parts, dim=1)
+    bf16 = torch.bfloat16
+    kvb, sink = round_to(kv.float(), bf16), sink.float()
+    logits = torch.einsum("bshc,bnc->bshn", round_to(q.float(), bf16), kvb) * scale
+    logits = logits.masked_fill(~allowed[:, :, None, :], float("-inf"))
+    mx = torch.maximum(logits.amax(dim=-1), sink).detach()  # [B, S, H]
+    p = torch.exp(logits - mx[..., None])
+    denom = p.sum(dim=-1) + torch.exp(sink - mx)
+    o = torch.einsum("bshn,bnc->bshc", round_to(p, bf16), kvb) / denom[..., None]
+    return o.to(q.dtype)
