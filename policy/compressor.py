@@ -33,10 +33,11 @@ from policy.rope import apply_rope
 @functools.cache
 def _hadamard_matrix(n: int, device: torch.device) -> torch.Tensor:
     """Normalised Sylvester Hadamard matrix [n, n] (n a power of two), fp32, on ``device``."""
-    h = torch.ones(1, 1)
-    while h.shape[0] < n:
-        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
-    return (h / n**0.5).to(device)
+    with torch.inference_mode(False):  # cached: must stay usable by autograd later
+        h = torch.ones(1, 1)
+        while h.shape[0] < n:
+            h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+        return (h / n**0.5).to(device)
 
 
 def hadamard(x: torch.Tensor) -> torch.Tensor:

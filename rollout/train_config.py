@@ -19,8 +19,8 @@ checks that involve them, so that the rollout sections and the training sections
                 num_ranks (data-parallel learner ranks; 1 = no process group), num_cpus (per rank)
     [sft]       steps (0 = no warm start), batch_size, lr (the peak), demonstrations,
                 tool_fraction (share of demonstrations that call the tool; the rest answer
-                directly), schedule ("cosine": linear warmup over warmup_steps, then a cosine
-                down to 5% of lr at the last step; "constant"), warmup_steps
+                directly), schedule ("constant"; "cosine": linear warmup over warmup_steps, then
+                a cosine down to 5% of lr at the last step), warmup_steps
     [rl]        steps, eval_every (0 = only before and after), eval_prompts (held-out "test"
                 instances, one episode each), eval_temperature (0 = greedy: the policy's own
                 answer, the usual held-out measure), checkpoint_every, mode ("sync" | "async":
@@ -78,7 +78,7 @@ class SftSection:
     lr: float = _opt(3e-3, lo=0.0, open_lo=True)
     demonstrations: int = _opt(512, lo=1)
     tool_fraction: float = _opt(0.2, lo=0.0, hi=1.0)
-    schedule: str = _opt("cosine", choices=("constant", "cosine"))
+    schedule: str = _opt("constant", choices=("constant", "cosine"))
     warmup_steps: int = _opt(10, lo=0)
 
 
