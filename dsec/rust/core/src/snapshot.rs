@@ -92,32 +92,10 @@ fn join(a: &[u8], b: &[u8]) -> Vec<u8> {
     [a, b"/", b].concat()
 }
 
-/// Names in a directory fd (without `.` and `..`).
+/// Names in a directory fd (without `.` and `..`), sorted.
 fn names(dir: RawFd) -> Result<Vec<Vec<u8>>> {
-    // SAFETY: dup of an fd we own; fdopendir takes the duplicate.
-    let d = unsafe {
-        libc::fdopendir(
-            cvt(libc::dup(dir)).map_err(|e| Error::Sandbox(format!("snapshot: dup: {e}")))?,
-        )
-    };
-    if d.is_null() {
-        return Err(os_err("list", b""));
-    }
-    let mut out = Vec::new();
-    loop {
-        // SAFETY: d is a valid DIR stream.
-        let e = unsafe { libc::readdir(d) };
-        if e.is_null() {
-            break;
-        }
-        // SAFETY: d_name is NUL-terminated.
-        let n = unsafe { std::ffi::CStr::from_ptr((*e).d_name.as_ptr()) }.to_bytes();
-        if n != b"." && n != b".." {
-            out.push(n.to_vec());
-        }
-    }
-    // SAFETY: closing the stream (and the duplicate fd).
-    unsafe { libc::closedir(d) };
+    let mut out =
+        crate::sys::dir_names(dir).map_err(|e| Error::Sandbox(format!("snapshot: list: {e}")))?;
     out.sort();
     Ok(out)
 }

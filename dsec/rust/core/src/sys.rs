@@ -47,6 +47,31 @@ pub fn pipe() -> io::Result<(RawFd, RawFd)> {
 }
 
 /// Closes an fd if it is valid, ignoring errors.
+/// Names in the open directory `dir` (without `.` and `..`), in readdir order.
+pub fn dir_names(dir: RawFd) -> io::Result<Vec<Vec<u8>>> {
+    // SAFETY: dup of an fd we own; fdopendir takes the duplicate.
+    let d = unsafe { libc::fdopendir(cvt(libc::dup(dir))?) };
+    if d.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    let mut names = Vec::new();
+    loop {
+        // SAFETY: d is a valid DIR stream.
+        let e = unsafe { libc::readdir(d) };
+        if e.is_null() {
+            break;
+        }
+        // SAFETY: d_name is NUL-terminated.
+        let n = unsafe { std::ffi::CStr::from_ptr((*e).d_name.as_ptr()) }.to_bytes();
+        if n != b"." && n != b".." {
+            names.push(n.to_vec());
+        }
+    }
+    // SAFETY: closing the stream (and the duplicate fd).
+    unsafe { libc::closedir(d) };
+    Ok(names)
+}
+
 pub fn close(fd: RawFd) {
     if fd >= 0 {
         // SAFETY: closing an fd we own.

@@ -7,7 +7,7 @@
 //! `unlinkat`), never following a symlink; the init's `CAP_DAC_OVERRIDE` and `CAP_FOWNER`
 //! reach directories the sandbox chmod-ed to 000 or made sticky.
 
-use crate::sys::{close, cstr};
+use crate::sys::{close, cstr, dir_names};
 use std::os::fd::RawFd;
 
 /// Directories emptied by a reset (their mounts stay).
@@ -18,26 +18,7 @@ fn empty_dir(dir: RawFd, depth: u32) -> Result<(), String> {
     if depth > 4096 {
         return Err("directory tree too deep".into());
     }
-    // SAFETY: dup of an fd we own; fdopendir takes the duplicate.
-    let d = unsafe { libc::fdopendir(libc::dup(dir)) };
-    if d.is_null() {
-        return Err(format!("list: {}", std::io::Error::last_os_error()));
-    }
-    let mut names = Vec::new();
-    loop {
-        // SAFETY: d is a valid DIR stream.
-        let e = unsafe { libc::readdir(d) };
-        if e.is_null() {
-            break;
-        }
-        // SAFETY: d_name is NUL-terminated.
-        let n = unsafe { std::ffi::CStr::from_ptr((*e).d_name.as_ptr()) }.to_bytes();
-        if n != b"." && n != b".." {
-            names.push(n.to_vec());
-        }
-    }
-    // SAFETY: closing the stream (and the duplicate).
-    unsafe { libc::closedir(d) };
+    let names = dir_names(dir).map_err(|e| format!("list: {e}"))?;
     let mut first = Ok(());
     for name in names {
         let c = cstr(&name).map_err(|e| e.to_string())?;
