@@ -456,10 +456,20 @@ def make_micro_batches(
 
 
 def forward_logprobs(
-    model: Callable[[torch.Tensor], torch.Tensor], batch: Batch, *, entropy: bool = True
+    model: Callable[[torch.Tensor], torch.Tensor],
+    batch: Batch,
+    *,
+    entropy: bool = True,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run ``model(batch.input_ids) -> logits [B, T, V]`` and return (logprobs [B, T] with grad,
-    entropy [B, T] without grad, or None when not asked)."""
+    entropy [B, T] without grad, or None when not asked) of softmax(logits / temperature): the
+    distribution the engine sampled from at that temperature, whose logprobs it reported
+    (``policy.sampling``). Temperature 0 (greedy) means the plain softmax, as in the engine."""
+    if isinstance(temperature, bool) or not temperature >= 0:
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
     logits = model(batch.input_ids)
+    if temperature not in (0, 1):
+        logits = logits.float() / temperature
     logprobs = token_logprobs(logits, batch.targets)
     return logprobs, (token_entropy(logits) if entropy else None)

@@ -223,12 +223,17 @@ class Learner:
                     logprobs, _ = forward_logprobs(self.model, mb, entropy=False)
                     loss, m = sft_loss(logprobs, mb.loss_mask, agg="token-mean", **norm)
                 else:
+                    # the policy being trained is the one the workers sample from: softmax of
+                    # the logits at the sampling temperature (their logprobs are of it too)
+                    temp = self.config.sampling.temperature
                     old, rollout = mb.old_logprobs, None
                     if self.loss_cfg.tis_cap is not None:
                         with torch.no_grad():
-                            old, _ = forward_logprobs(self.model, mb, entropy=False)
+                            old, _ = forward_logprobs(
+                                self.model, mb, entropy=False, temperature=temp
+                            )
                         rollout = mb.old_logprobs
-                    logprobs, entropy = forward_logprobs(self.model, mb)
+                    logprobs, entropy = forward_logprobs(self.model, mb, temperature=temp)
                     loss, m = policy_loss(
                         logprobs,
                         old,

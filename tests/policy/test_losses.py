@@ -425,3 +425,25 @@ def test_shape_errors():
         policy_loss(lp, lp, torch.zeros(3), torch.ones(2, 3), PolicyLossConfig())
     with pytest.raises(ValueError, match="unknown aggregation mode 'mean'"):
         sft_loss(lp, torch.ones(2, 3), agg="mean")
+
+
+def test_forward_logprobs_at_a_temperature():
+    torch.manual_seed(0)
+    model = V4Model(V4Config.from_preset("tiny"))
+    batch = make_batch([sample([1, 2, 3], [4, 5, 6], [1, 1, 1], [0.0] * 3)])
+    with torch.no_grad():
+        logits = model(batch.input_ids)
+        lp, ent = forward_logprobs(model, batch, temperature=0.5)
+        want = (logits / 0.5).log_softmax(-1).gather(-1, batch.targets[..., None])[..., 0]
+        torch.testing.assert_close(lp, want, rtol=0, atol=1e-5)
+        tempered = (logits / 0.5).log_softmax(-1)  # the entropy is the sampling distribution's
+        torch.testing.assert_close(ent, -(tempered.exp() * tempered).sum(-1), rtol=0, atol=1e-4)
+        plain, _ = forward_logprobs(model, batch, temperature=0)  # greedy: the plain softmax
+        torch.testing.assert_close(
+            plain,
+            logits.log_softmax(-1).gather(-1, batch.targets[..., None])[..., 0],
+            rtol=0,
+            atol=1e-5,
+        )
+    with pytest.raises(ValueError, match="temperature must be a number >= 0, got -1"):
+        forward_logprobs(model, batch, temperature=-1)

@@ -234,3 +234,41 @@ def test_learner_group_needs_the_cpus_before_it_starts(ray_session):
         LearnerGroup(_config("learner.num_ranks=2", "learner.num_cpus=1.5"))
     with pytest.raises(JobError, match="beside the 1 CPUs of the rollout workers"):
         LearnerGroup(_config("learner.num_ranks=2"), reserve_cpus=1)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_the_learner_scores_samples_at_the_sampling_temperature(temperature):
+    """Trajectories sampled at temperature T carry logprobs of softmax(logits / T); the learner
+    configured with the same ``sampling.temperature`` computes the same ones (the gap is float
+    rounding), a learner at T = 1 on the same weights does not."""
+    from policy import Engine, SamplingParams
+
+    def learner(t: float) -> Learner:
+        return Learner(_config(f"sampling.temperature={t}", "policy.kv_dtype=float32"))
+
+    matched, plain = learner(temperature), learner(1.0)
+    plain.model.load_state_dict(matched.model.state_dict())
+    engine = Engine(matched.model.eval(), max_batch=8, max_context=64)
+    prompts = [[5 + i, 17, 3 * i + 1] for i in range(8)]
+    gens = engine.generate(
+        prompts, SamplingParams(temperature=temperature, max_new_tokens=8, seed=1)
+    )
+    batch = [
+        Trajectory(
+            id=f"g{i // 4}#{i % 4}",
+            task="t",
+            instance_id=f"g{i // 4}",
+            group_id=f"g{i // 4}",
+            sample_index=i % 4,
+            prompt_ids=p,
+            response_ids=g.token_ids,
+            loss_mask=[1] * len(g.token_ids),
+            logprobs=g.logprobs,
+            reward=float(i % 2),
+            policy_version=0,
+        )
+        for i, (p, g) in enumerate(zip(prompts, gens, strict=True))
+    ]
+    matched.model.train()
+    assert matched.train_step(batch)["logprob_gap_max"] < 1e-4
+    assert plain.train_step(batch)["logprob_gap_max"] > 0.1
