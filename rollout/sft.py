@@ -10,7 +10,13 @@ run's tokenizer), so SFT teaches the same token format RL then samples:
   with the number;
 - the others answer directly with the correct number. The policy cannot multiply 3-4 digit
   numbers in its head, so after SFT it knows both formats, calls the tool now and then, and
-  usually guesses wrong when it does not: RL has room to raise the tool-use rate.
+  usually guesses wrong when it does not: RL has room to raise the tool-use rate;
+- ``sft.call_fraction`` (more than ``tool_fraction``) adds *forced* calls: demonstrations that
+  call the tool but whose first response token, the choice between calling the tool and
+  answering, has loss_mask 0. They teach the call's arguments and copying the tool's result
+  into the answer, which a policy must get right on every digit to earn the reward, without
+  teaching the choice: of the choices SFT trains, the share that calls the tool is still
+  ``tool_fraction``.
 
 ``loss_mask`` is 1 on the assistant tokens only (the prompt is not in the response; the tool
 result is in it with mask 0), as in a sampled trajectory.
@@ -48,6 +54,7 @@ class Demonstration:
 
     instance: Any
     turns: list[tuple[str, Any]]
+    forced: bool = False  # a forced call: the first token (the choice) is not trained
 
     @property
     def uses_tool(self) -> bool:
@@ -71,30 +78,47 @@ def demonstrations(
     tool_fraction: float,
     run_tool: Callable[[str, dict[str, Any]], str],
     options: dict[str, Any] | None = None,
+    call_fraction: float = 0.0,
 ) -> list[Demonstration]:
-    """``n`` demonstrations of ``task_name`` on its train split (seeded); ``round(n *
-    tool_fraction)`` of them call the tool. ``run_tool(name, arguments)`` returns the text the
-    tool shows (a ``dsec.tools.ToolBox`` on a sandbox, see :func:`sandbox_tool`); ``options``
-    are the task's options (``[task.options]``), so demonstrations match the RL problems."""
+    """``n`` demonstrations of ``task_name`` on its train split (seeded). ``round(n *
+    max(tool_fraction, call_fraction))`` of them call the tool; the rest answer directly. Of
+    the calls, as many as make the calls among the trained choices ``tool_fraction`` of them
+    are chosen; the others are forced (``Demonstration.forced``: their first token is not
+    trained). ``run_tool(name, arguments)`` returns the text the tool shows (a
+    ``dsec.tools.ToolBox`` on a sandbox, see :func:`sandbox_tool`); ``options`` are the task's
+    options (``[task.options]``), so demonstrations match the RL problems."""
     from rollout.tasks import get_task
 
     if task_name != "arith_tool":
         raise ValueError(f"demonstrations exist for 'arith_tool' only, not {task_name!r}")
-    if not 0.0 <= tool_fraction <= 1.0:
-        raise ValueError(f"tool_fraction must be in [0, 1], got {tool_fraction!r}")
+    for name, value in (("tool_fraction", tool_fraction), ("call_fraction", call_fraction)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    calls = round(n * max(tool_fraction, call_fraction))
+    if call_fraction <= tool_fraction:
+        chosen = calls
+    else:
+        # chosen calls : direct answers = tool_fraction : (1 - tool_fraction)
+        chosen = min(calls, round((n - calls) * tool_fraction / (1.0 - tool_fraction)))
+        if calls > chosen and n == calls:
+            raise ValueError(
+                f"call_fraction {call_fraction!r} leaves no direct answer, so no choice is "
+                f"trained at tool_fraction {tool_fraction!r}; use a call_fraction below 1"
+            )
     instances = get_task(task_name, **(options or {})).instances("train", n, seed=seed)
     rng = random.Random(f"sft:{task_name}:{seed}")
-    with_tool = set(rng.sample(range(n), round(n * tool_fraction)))
+    with_tool = rng.sample(range(n), calls)
+    calling, forced = set(with_tool), set(with_tool[chosen:])
     out = []
     for i, inst in enumerate(instances):
         answer = {"role": "assistant", "content": inst.verifier["answer"]}
-        if i in with_tool:
+        if i in calling:
             call = _call_message(inst.verifier["expression"])
             args = call["tool_calls"][0]["function"]["arguments"]
             turns = [("assistant", call), ("tool", run_tool("python", args)), ("assistant", answer)]
         else:
             turns = [("assistant", answer)]
-        out.append(Demonstration(inst, turns))
+        out.append(Demonstration(inst, turns, forced=i in forced))
     return out
 
 
@@ -130,7 +154,7 @@ def demonstration_samples(
     demos: list[Demonstration], tokenizer: Any, thinking_mode: str
 ) -> list[Sample]:
     """Token samples: the prompt as the agent loop encodes it, then the turns (assistant tokens
-    with loss_mask 1, tool results with 0)."""
+    with loss_mask 1, tool results with 0; a forced call's first token with 0)."""
     from policy import chat
 
     out = []
@@ -146,6 +170,8 @@ def demonstration_samples(
                 piece = tokenizer.encode_tool_results([value], thinking_mode)
             ids += piece
             mask += [1 if kind == "assistant" else 0] * len(piece)
+        if demo.forced:
+            mask[0] = 0  # the choice to call the tool is given, not taught
         out.append(Sample(prompt, ids, mask, [0.0] * len(ids)))
     return out
 

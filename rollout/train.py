@@ -192,6 +192,7 @@ class Trainer:
                 n,
                 seed=c.run.seed,
                 tool_fraction=c.sft.tool_fraction,
+                call_fraction=c.sft.call_fraction,
                 run_tool=sandbox_tool(sb),
                 options=c.task.options,
             )

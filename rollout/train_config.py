@@ -19,7 +19,10 @@ checks that involve them, so that the rollout sections and the training sections
                 num_ranks (data-parallel learner ranks; 1 = no process group), num_cpus (per rank)
     [sft]       steps (0 = no warm start), batch_size, lr (the peak), demonstrations,
                 tool_fraction (share of demonstrations that call the tool; the rest answer
-                directly), schedule ("constant"; "cosine": linear warmup over warmup_steps, then
+                directly), call_fraction (0 = tool_fraction; above it, forced calls are added:
+                demonstrations that call the tool with their first token, the choice, not
+                trained, so the copying is taught on more of them while the choices SFT trains
+                still call the tool at tool_fraction; see rollout.sft), schedule ("constant"; "cosine": linear warmup over warmup_steps, then
                 a cosine down to 5% of lr at the last step), warmup_steps
     [rl]        steps, eval_every (0 = only before and after), eval_prompts (held-out "test"
                 instances, one episode each), eval_temperature (0 = greedy: the policy's own
@@ -78,6 +81,7 @@ class SftSection:
     lr: float = _opt(3e-3, lo=0.0, open_lo=True)
     demonstrations: int = _opt(512, lo=1)
     tool_fraction: float = _opt(0.2, lo=0.0, hi=1.0)
+    call_fraction: float = _opt(0.0, lo=0.0, hi=1.0)
     schedule: str = _opt("constant", choices=("constant", "cosine"))
     warmup_steps: int = _opt(10, lo=0)
 
@@ -115,6 +119,12 @@ def check(c: Any, error: type[Exception]) -> None:
         raise error(
             f"sft.steps = {c.sft.steps}: demonstrations exist for task 'arith_tool' only, "
             f"not {c.task.name!r}; set sft.steps = 0"
+        )
+    sft = c.sft
+    if sft.call_fraction == 1.0 and sft.tool_fraction < 1.0:
+        raise error(
+            f"sft.call_fraction = 1.0 leaves no direct answer, so no choice is trained at "
+            f"sft.tool_fraction = {sft.tool_fraction}; use a call_fraction below 1"
         )
     if c.rl.mode == "async" and lr.max_staleness < 1:
         raise error(

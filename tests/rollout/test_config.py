@@ -169,6 +169,8 @@ BAD_FILES = [
         r"reward\.weights has 1 entries but reward\.functions has 2",
     ),
     ("[task\nname = 1\n", r"job\.toml is not valid TOML"),
+    ("[sft]\ncall_fraction = 1.0\n", r"sft\.call_fraction = 1\.0 leaves no direct answer"),
+    ("[sft]\ncall_fraction = 1.5\n", r"sft\.call_fraction must be <= 1"),
 ]
 
 
