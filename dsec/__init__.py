@@ -34,14 +34,20 @@ from dsec._native import (
     SandboxError,
     SandboxSetupError,
 )
+from dsec.cmdlog import CommandLog, LogError
+from dsec.replay import LoggedSandbox, RecordedResult
 from dsec.snapshot import Snapshot
 from dsec.spares import keep_spares, spare_stats, stop_spares
 
 __all__ = [
+    "CommandLog",
     "ExecResult",
+    "LogError",
+    "LoggedSandbox",
     "PathError",
     "PolicyError",
     "Process",
+    "RecordedResult",
     "Sandbox",
     "SandboxClosedError",
     "SandboxError",
