@@ -5,7 +5,7 @@ preemption: a new worker opens the same log on a fresh sandbox started like the 
 the calls it repeats get their recorded results back instead of running again (see
 :mod:`dsec.replay`).
 
-File format: the line ``dsec-cmdlog/1``, then a sequence of frames, ``u32 length | u32 crc32 | payload``
+File format: the line ``dsec-cmdlog/1``, then frames ``u32 length | u32 crc32 | payload``
 (little-endian), each payload one msgpack map. The first frame is the header: the log's
 identity (``task``, ``trajectory``) and a random ``id``. Every later frame is one record:
 ``step`` (the call's position in the trajectory, from 0), ``op`` (``exec``, ``run_python``,
@@ -20,9 +20,9 @@ Durability: each record is written with one ``write(2)`` on an ``O_APPEND`` desc
 the call returns, so once a call has returned its record survives a crash (SIGKILL, OOM kill)
 of the writing process: it is in the kernel's page cache. ``fsync`` decides what survives a
 crash of the machine: ``"always"`` (default) syncs after every record, an int ``n`` after every
-``n`` records, ``"never"`` leaves it to the kernel; :meth:`CommandLog.close` syncs unless
-``"never"``. A process killed in the middle of a write, or a machine that lost the tail of the
-file, leaves a torn last frame (short, failing its checksum, or zero-filled): it is dropped
+``n`` records, ``"never"`` leaves it to the kernel; :meth:`CommandLog.close` syncs the rest
+unless ``"never"``. A process killed in the middle of a write, or a machine that lost the tail
+of the file, leaves a torn last frame (short, failing its checksum, or zero-filled): it is dropped
 when the log is opened (``dropped_bytes``) and the file is cut back to the last whole record.
 A damaged frame with whole frames after it is not a torn write; opening raises
 :class:`LogError` naming its offset. One process writes a log at a time (``flock``).
@@ -282,12 +282,13 @@ class CommandLog:
             raise LogError(f"command log {self._path!r} is closed")
 
     def close(self) -> None:
-        """Syncs (unless ``fsync="never"``) and closes the file. Idempotent."""
+        """Syncs records not synced yet (unless ``fsync="never"``) and closes the file.
+        Idempotent."""
         with self._lock:
             if self._fd < 0:
                 return
             try:
-                if self._fsync != "never":
+                if self._fsync != "never" and self._unsynced:
                     os.fsync(self._fd)
             finally:
                 os.close(self._fd)

@@ -210,7 +210,10 @@ class LoggedSandbox:
         """:meth:`dsec.Sandbox.exec`, replayed or recorded."""
         form = ["sh", cmd] if isinstance(cmd, str) else ["argv", list(cmd)]
         request = [form, _as_bytes(stdin), sorted(env.items()) if env is not None else None, cwd]
-        run = lambda: self._sandbox.exec(cmd, timeout=timeout, stdin=stdin, env=env, cwd=cwd)  # noqa: E731
+
+        def run() -> Any:
+            return self._sandbox.exec(cmd, timeout=timeout, stdin=stdin, env=env, cwd=cwd)
+
         return self._call("exec", request, timeout, run)
 
     def run_python(self, code: str | bytes, *, timeout: float | None = None) -> Any:
@@ -268,6 +271,7 @@ class LoggedSandbox:
 
     def _call(self, op: str, request: list[Any], timeout: Any, run: Callable[[], Any]) -> Any:
         with self._lock:
+            self._log._check_open()
             digest = _digest(op, request)
             effective = self._timeout(op, timeout)
             step = self._step
@@ -282,7 +286,7 @@ class LoggedSandbox:
                 self._replaying = False
                 self._records = []
                 self._stats["diverged_at"] = step
-                self.restore()
+            self.restore()  # no-op unless replayed calls are still to be re-run
             value, error = _outcome(run)
             record: dict[str, Any] = {"step": step, "op": op, "digest": digest}
             record["timeout"] = effective
