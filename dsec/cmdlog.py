@@ -25,7 +25,9 @@ unless ``"never"``. A process killed in the middle of a write, or a machine that
 of the file, leaves a torn last frame (short, failing its checksum, or zero-filled): it is dropped
 when the log is opened (``dropped_bytes``) and the file is cut back to the last whole record.
 A damaged frame with whole frames after it is not a torn write; opening raises
-:class:`LogError` naming its offset. One process writes a log at a time (``flock``).
+:class:`LogError` naming its offset. The checksums catch damage, not a forger: keep logs where
+sandboxed code cannot write (any host directory). One process writes a log at a time
+(``flock``).
 """
 
 from __future__ import annotations

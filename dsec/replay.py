@@ -94,6 +94,9 @@ class RecordedResult:
         """exit_code == 0 and not timed_out."""
         return self.exit_code == 0 and not self.timed_out
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return RecordedResult, ({name: getattr(self, name) for name in FIELDS},)
+
     def __repr__(self) -> str:
         shown = ", ".join(f"{name}={getattr(self, name)!r:.80}" for name in FIELDS)
         return f"RecordedResult({shown})"
@@ -208,8 +211,9 @@ class LoggedSandbox:
         cwd: str | None = None,
     ) -> Any:
         """:meth:`dsec.Sandbox.exec`, replayed or recorded."""
-        form = ["sh", cmd] if isinstance(cmd, str) else ["argv", list(cmd)]
-        request = [form, _as_bytes(stdin), sorted(env.items()) if env is not None else None, cwd]
+        form = ["sh", cmd] if isinstance(cmd, str) else ["argv", cmd]
+        pairs = sorted(env.items()) if isinstance(env, dict) else env
+        request = [form, _as_bytes(stdin), pairs, cwd]
 
         def run() -> Any:
             return self._sandbox.exec(cmd, timeout=timeout, stdin=stdin, env=env, cwd=cwd)

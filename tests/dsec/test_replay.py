@@ -245,6 +245,11 @@ def test_a_tampered_record_is_detected(recorded):
     path.write_bytes(tampered)
     with pytest.raises(dsec.LogError, match=r"record at byte \d+ \(after step 2\) is damaged"):
         open_log(path)
+    tampered = bytearray(whole)
+    tampered[len(dsec.cmdlog.MAGIC) + 20] ^= 0x01  # inside the header
+    path.write_bytes(tampered)
+    with pytest.raises(dsec.LogError, match="its header is damaged"):
+        open_log(path)
     # a damaged last record cannot be told from a torn write: dropped, then run for real
     last = bytes(whole).rindex(b"first\nsecond\n")
     tampered = bytearray(whole)
