@@ -127,12 +127,13 @@ class CommandLog:
         """Reads the file: checks the header, collects the live records, cuts a torn tail."""
         with open(self._fd, "rb", closefd=False) as f:
             data = f.read()
-        if not data.startswith(MAGIC[: len(data)]):
+        torn = not data.strip(b"\0")  # empty, or created and lost before its bytes were on disk
+        if not torn and not data.startswith(MAGIC[: len(data)]):
             raise LogError(f"{self._path!r} is not a command log (no {FORMAT} magic)")
-        header, pos = self._read_frame(data, len(MAGIC), 0)
-        if header is None and pos < len(data):
+        header, pos = (None, len(data)) if torn else self._read_frame(data, len(MAGIC), 0)
+        if header is None and data[pos:].strip(b"\0"):
             raise LogError(f"command log {self._path!r}: its header is damaged (checksum)")
-        if header is None:  # empty, or the writer died before its header was whole
+        if header is None:  # the writer died before its header was whole
             self._write_header(len(data))
             return []
         mine = (self._task, self._trajectory)
@@ -173,7 +174,9 @@ class CommandLog:
             return None, len(data)
         length, crc = FRAME.unpack_from(data, pos)
         end = pos + FRAME.size + length
-        if length == 0 or length > MAX_RECORD or end > len(data):
+        if length == 0:  # never written (a record is not empty): zeros, or a damaged length
+            return None, pos + FRAME.size
+        if length > MAX_RECORD or end > len(data):
             return None, len(data)
         payload = data[pos + FRAME.size : end]
         if zlib.crc32(payload, seed) != crc:

@@ -140,12 +140,13 @@ def _raise_recorded(error: list[Any]) -> None:
     raise OSError(errno, strerror, filename) if errno is not None else OSError(strerror)
 
 
-def _outcome(run: Callable[[], Any]) -> tuple[Any, list[Any] | None]:
-    """(value, None) or (None, the recorded form of a deterministic failure)."""
+def _outcome(run: Callable[[], Any]) -> tuple[Any, BaseException | None]:
+    """(value, None), or (None, the exception) for a deterministic failure; anything else (a
+    closed or broken sandbox, Ctrl-C) propagates and is not logged."""
     try:
         return run(), None
     except RECORDED_ERRORS as exc:
-        return None, _error_fields(exc)
+        return None, exc
 
 
 class LoggedSandbox:
@@ -295,7 +296,7 @@ class LoggedSandbox:
             record: dict[str, Any] = {"step": step, "op": op, "digest": digest}
             record["timeout"] = effective
             if error is not None:
-                record["error"] = error
+                record["error"] = _error_fields(error)
             else:
                 record["result"] = (
                     {f: getattr(value, f) for f in FIELDS} if op in COMMANDS else value
@@ -304,7 +305,7 @@ class LoggedSandbox:
             self._step += 1
             self._stats["executed"] += 1
             if error is not None:
-                _raise_recorded(error)
+                raise error
             return value
 
     def __repr__(self) -> str:
@@ -334,7 +335,7 @@ def _recorded(rec: dict[str, Any]) -> Any:
     return rec.get("result")
 
 
-def _same(op: str, rec: dict[str, Any], value: Any, error: list[Any] | None) -> bool:
+def _same(op: str, rec: dict[str, Any], value: Any, error: BaseException | None) -> bool:
     """Whether a re-run during restore did what the recorded run did (times aside)."""
     if (error is None) != (rec.get("error") is None):
         return False

@@ -175,6 +175,9 @@ def test_a_torn_tail_is_dropped(recorded):
         assert rs.stats["diverged_at"] == 4
     with open_log(path) as log:
         assert len(log) == 5 and log.dropped_bytes == 0
+    path.write_bytes(b"\0" * 64)  # created, then lost before its first bytes reached the disk
+    with open_log(path) as log:
+        assert (len(log), log.dropped_bytes) == (0, 64)
 
 
 WRITER = textwrap.dedent(
