@@ -203,8 +203,10 @@ def test_a_writer_killed_mid_log_leaves_a_readable_log(tmp_path):
         [sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True
     )
     try:
-        while int(writer.stdout.readline()) < 10:
-            pass
+        for line in writer.stdout:  # the number of each call that returned
+            if int(line) == 10:
+                break
+        assert writer.poll() is None, "the writer exited before it was killed"
         writer.send_signal(signal.SIGKILL)  # wherever it is: mid-exec, mid-write, between
         writer.wait(timeout=30)
     finally:
