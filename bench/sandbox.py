@@ -583,7 +583,7 @@ def targets(lat: dict, conc: dict, idle: dict, fleet: dict, pool: dict, replay: 
         {
             "case": f"replay of a {TRAJECTORY_CALLS}-call trajectory vs re-executing it",
             "target": "reported",
-            "measured": round(replay_ratio, 3),
+            "measured": round(replay_ratio, 4),
             "unit": "x",
             "pass": None,
         }
