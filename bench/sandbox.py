@@ -1,15 +1,16 @@
 """dsec against bubblewrap, side by side in one run: latency, throughput and idle memory.
 
     python bench/sandbox.py [--rounds 200] [--warmup 5] [--throughput-seconds 3] [--idle 200]
-                            [--fleet-rounds 5] [--keep-nice]
+                            [--fleet-rounds 5] [--replay-rounds 10] [--keep-nice]
 
 Latency cases run interleaved round-robin (the order rotates every round), so load changes on a
 shared machine hit every case alike; only ratios measured within one run are meaningful. The bwrap
 baseline is its safe-as-root form (all capabilities dropped, new session, every namespace). Writes
 bench/results/sandbox.json and prints a table with each target and PASS / MISS. The fleet rows
 (issue 11) time a copy-on-write fork of 8 sandboxes from a snapshot of a 50 MB / 5,000-file
-workspace against creating 8 and copying the files in (tar through stdin), and the pool's
-acquire latency with 4 concurrent users. Progress bars show only on a terminal.
+workspace against creating 8 and copying the files in (tar through stdin), the pool's acquire
+latency with 4 concurrent users, and a 50-call trajectory replayed from its command log against
+re-executing it (and recording it). Progress bars show only on a terminal.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -313,6 +315,92 @@ def pool_acquire(users: int, iterations: int) -> dict[str, float]:
     return {**stats_ms(waits), "users": float(users), "acquires": float(len(waits))}
 
 
+TRAJECTORY_CALLS = 50
+
+
+def agent_trajectory(sb: dsec.Sandbox | dsec.LoggedSandbox) -> list[object]:
+    """50 tool calls in the agent's mix: shell commands, Python, file writes and reads, each
+    step building on the files of the ones before."""
+    out: list[object] = []
+    for i in range(TRAJECTORY_CALLS):
+        kind = i % 4
+        if kind == 0:
+            out.append(sb.exec(f"echo step {i} >> notes.txt && wc -l < notes.txt"))
+        elif kind == 1:
+            out.append(sb.run_python(f"print(sum(range({i} * 1000)))"))
+        elif kind == 2:
+            sb.write_file(f"src/m{i}.py", f"X = {i}\n" * 100, parents=True)
+            out.append(None)
+        else:
+            out.append(sb.read_file(f"src/m{i - 1}.py"))
+    return out
+
+
+def outputs(results: list[object]) -> list[object]:
+    """What each call returned (stdout of a command, bytes of a read; all deterministic)."""
+    return [getattr(r, "stdout", r) for r in results]
+
+
+def replay_trajectory(rounds: int) -> dict[str, dict[str, float]]:
+    """A 50-call trajectory re-executed on a fresh sandbox, recorded through a command log
+    (fsync per record, and without fsync) and replayed from that log (the log opened and
+    read included), interleaved; sandbox creation untimed."""
+    scratch = Path(tempfile.mkdtemp(prefix="dsec-bench-log-"))
+    log_path = scratch / "reference.log"
+    with (
+        dsec.CommandLog(log_path, task="bench", trajectory="t") as log,
+        dsec.Sandbox(**LIMITS) as sb,
+    ):
+        reference = agent_trajectory(log.attach(sb))
+    n = 0
+
+    def execute(sb: dsec.Sandbox) -> list[object]:
+        return agent_trajectory(sb)
+
+    def record(sb: dsec.Sandbox) -> list[object]:
+        nonlocal n
+        n += 1
+        with dsec.CommandLog(scratch / f"r{n}.log", task="bench", trajectory="t") as log:
+            return agent_trajectory(log.attach(sb))
+
+    def record_no_fsync(sb: dsec.Sandbox) -> list[object]:
+        nonlocal n
+        n += 1
+        log = dsec.CommandLog(scratch / f"r{n}.log", task="bench", trajectory="t", fsync="never")
+        with log:
+            return agent_trajectory(log.attach(sb))
+
+    def replay(sb: dsec.Sandbox) -> list[object]:
+        with dsec.CommandLog(log_path, task="bench", trajectory="t") as log:
+            rs = log.attach(sb)
+            out = agent_trajectory(rs)
+            if rs.stats["replayed"] != TRAJECTORY_CALLS:
+                raise SystemExit(f"the replay ran calls: {rs.stats}")
+            return out
+
+    cases = {
+        "re-execute": execute,
+        "record (fsync per record)": record,
+        "record (no fsync)": record_no_fsync,
+        "replay": replay,
+    }
+    samples: dict[str, list[float]] = {k: [] for k in cases}
+    try:
+        for r in progress(range(rounds + 1), desc="replay rounds", unit="round"):
+            for name in list(cases)[r % len(cases) :] + list(cases)[: r % len(cases)]:
+                with dsec.Sandbox(**LIMITS) as sb:
+                    start = time.perf_counter()
+                    out = cases[name](sb)
+                    took = time.perf_counter() - start
+                if outputs(out) != outputs(reference):
+                    raise SystemExit(f"{name}: the outputs differ from the recorded ones")
+                if r > 0:  # round 0 warms the caches
+                    samples[name].append(took)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {name: stats_ms(s) for name, s in samples.items()}
+
+
 # ------------------------------------------------------------------------------ idle memory
 
 
@@ -409,7 +497,7 @@ def idle_memory(bwrap: str, count: int) -> dict[str, dict[str, float]]:
 # ------------------------------------------------------------------------------ report
 
 
-def targets(lat: dict, conc: dict, idle: dict, fleet: dict, pool: dict) -> list[dict]:
+def targets(lat: dict, conc: dict, idle: dict, fleet: dict, pool: dict, replay: dict) -> list[dict]:
     med = {name: s["median"] for name, s in lat.items()}
     bw_true, bw_py = med["bwrap /bin/true"], med["bwrap python3 -c pass"]
     conc_ratio = statistics.median(conc["dsec"]) / statistics.median(conc["bwrap"])
@@ -490,6 +578,16 @@ def targets(lat: dict, conc: dict, idle: dict, fleet: dict, pool: dict) -> list[
             "pass": None,
         }
     )
+    replay_ratio = replay["replay"]["median"] / replay["re-execute"]["median"]
+    out.append(
+        {
+            "case": f"replay of a {TRAJECTORY_CALLS}-call trajectory vs re-executing it",
+            "target": "reported",
+            "measured": round(replay_ratio, 4),
+            "unit": "x",
+            "pass": None,
+        }
+    )
     warm = idle["dsec_with_python_worker"]["pss_kib_median"] / 1024
     out.append(
         {
@@ -504,7 +602,7 @@ def targets(lat: dict, conc: dict, idle: dict, fleet: dict, pool: dict) -> list[
 
 
 def print_report(
-    lat: dict, conc: dict, idle: dict, fleet: dict, pool: dict, rows: list[dict]
+    lat: dict, conc: dict, idle: dict, fleet: dict, pool: dict, replay: dict, rows: list[dict]
 ) -> None:
     console = Console()
     table = Table(title="latency (ms), interleaved in one run")
@@ -533,7 +631,7 @@ def print_report(
         digits = 2 if key == "spawn_s" else 1
         table.add_row(label, *(f"{idle[k][key]:.{digits}f}" for k in kinds))
     console.print(table)
-    table = Table(title="fleet (ms): group start and pool acquire")
+    table = Table(title="fleet (ms): group start, pool acquire, trajectory replay")
     for col in ("case", "min", "p10", "median", "p99"):
         table.add_column(col, justify="left" if col == "case" else "right")
     for name in ("fork 8 from the snapshot", "create 8 + copy the files in"):
@@ -543,6 +641,11 @@ def print_report(
         f"pool acquire, {int(pool['users'])} users",
         *(f"{pool[k]:.2f}" for k in ("min", "p10", "median", "p99")),
     )
+    for name, s in replay.items():
+        table.add_row(
+            f"{TRAJECTORY_CALLS}-call trajectory: {name}",
+            *(f"{s[k]:.1f}" for k in ("min", "p10", "median", "p99")),
+        )
     console.print(table)
     table = Table(title="targets")
     for col in ("case", "target", "measured", "result"):
@@ -583,6 +686,12 @@ def main(argv: list[str] | None = None) -> int:
         "--pool-iterations", type=int, default=25, help="acquires per pool user (default 25)"
     )
     parser.add_argument(
+        "--replay-rounds",
+        type=int,
+        default=10,
+        help="re-execute / record / replay rounds of the 50-call trajectory (default 10)",
+    )
+    parser.add_argument(
         "--keep-nice",
         action="store_true",
         help="do not raise this process's priority (a machine shared with other measurements)",
@@ -596,6 +705,7 @@ def main(argv: list[str] | None = None) -> int:
         "idle",
         "fleet_rounds",
         "pool_iterations",
+        "replay_rounds",
     ):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -612,8 +722,9 @@ def main(argv: list[str] | None = None) -> int:
     idle = idle_memory(bwrap, args.idle)
     fleet = fleet_fork(args.fleet_rounds)
     pool = pool_acquire(args.workers, args.pool_iterations)
-    rows = targets(lat, conc, idle, fleet, pool)
-    print_report(lat, conc, idle, fleet, pool, rows)
+    replay = replay_trajectory(args.replay_rounds)
+    rows = targets(lat, conc, idle, fleet, pool, replay)
+    print_report(lat, conc, idle, fleet, pool, replay, rows)
 
     report = {
         "machine": {
@@ -634,6 +745,7 @@ def main(argv: list[str] | None = None) -> int:
         "idle": idle,
         "fleet_fork_ms": fleet,
         "pool_acquire_ms": pool,
+        "trajectory_replay_ms": replay,
         "targets": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

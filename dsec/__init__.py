@@ -34,14 +34,20 @@ from dsec._native import (
     SandboxError,
     SandboxSetupError,
 )
+from dsec.cmdlog import CommandLog, LogError
+from dsec.replay import LoggedSandbox, RecordedResult
 from dsec.snapshot import Snapshot
 from dsec.spares import keep_spares, spare_stats, stop_spares
 
 __all__ = [
+    "CommandLog",
     "ExecResult",
+    "LogError",
+    "LoggedSandbox",
     "PathError",
     "PolicyError",
     "Process",
+    "RecordedResult",
     "Sandbox",
     "SandboxClosedError",
     "SandboxError",
@@ -89,6 +95,8 @@ class Sandbox(_native.Sandbox):
     :meth:`spawn` starts a background :class:`Process` (a server, a watcher) that outlives the
     call; it dies with the sandbox. With :func:`keep_spares` for these keyword arguments,
     creating a sandbox takes a pre-started spare (see :mod:`dsec.spares`).
+    ``CommandLog(path, task=..., trajectory=...).attach(sb)`` records a trajectory's calls and
+    replays them on a resumed trajectory (see :mod:`dsec.replay`).
 
     Use as a context manager or call :meth:`close`. Thread-safe: calls on one sandbox are
     serialised, different sandboxes run in parallel; the GIL is released while waiting.
