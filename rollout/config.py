@@ -14,7 +14,8 @@ an unknown section or key, a value of the wrong type, or a value out of range ra
                 says), kv_dtype
     [engine]    max_batch, max_context, kv_budget_bytes (0 = no budget)
     [task]      name, split, num_prompts, group_size (G episodes per prompt), [task.options]
-    [sampling]  temperature, top_p, top_k, max_new_tokens (per turn), thinking_mode
+    [sampling]  temperature (the learner's logprobs are of softmax(logits / temperature) too),
+                top_p, top_k, max_new_tokens (per turn), thinking_mode
     [limits]    max_turns, max_context_tokens (an episode's context budget; 0: engine.max_context),
                 tool_timeout, deadline (seconds per episode), max_tool_output_chars
     [sandbox]   memory_mb, max_pids, timeout (each episode gets its own sandbox)
