@@ -17,6 +17,8 @@ compressed entries, one query chunk at a time (queries, indexer top-k, attention
 projection per chunk), each query reading its window and its visible (HCA) or indexer-chosen
 (CSA, gathered) entries only. "dense" (the reference) builds keys [S raw kv | N compressed] (full) or [W ring slots |
 S new kv | N compressed] (extend) under a dense [B, S, keys] mask for ``attention_core``.
+``cfg.numerics == "official"`` rounds the same way on every path: the dense and decode cores
+are ``policy.quant.bf16_attention``, the block-sparse chunks take BF16 operands in q·K and P·V.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ class Attention(nn.Module):
         if official:  # the official rounding, once: the cache's own quantisation keeps it exact
             kv = quantize_kv(kv, cfg)
         decode = cache is not None and fill_lengths is None
-        if cfg.attn_path == "blocksparse" and not decode and not official:
+        if cfg.attn_path == "blocksparse" and not decode:
             return self._blocksparse(x, kv, pos, cache, fill_lengths, rope)
         qr, q = self._queries(x, pos, rope)
         if cache is None:
@@ -234,6 +236,7 @@ class Attention(nn.Module):
                 part.select_row = 6 * comp.shape[1]  # scores, keys, masks per entry
         kvp, prev_ok = timeline(quantize_kv(kv, cfg), w, prev, prev_ok)
         step = chunk_queries(x.shape[0], self.n_heads, self.head_dim, w, part)
+        sink, scale = self.attn_sink, self.softmax_scale
         outs = []
         for a in range(0, x.shape[1], step):
             sl = slice(a, a + step)
@@ -243,7 +246,7 @@ class Attention(nn.Module):
                 iq, iw = self.indexer.queries(qr, xc, pc, self.inv_freq, rc)
                 part.select = functools.partial(self._select_chunk, part, iq, iw, ik)
             o = chunk_attention(
-                q, kvp, prev_ok, a, w, part, self.attn_sink, self.softmax_scale, cfg.attn_impl
+                q, kvp, prev_ok, a, w, part, sink, scale, cfg.attn_impl, cfg.numerics
             )
             outs.append(self._output(o, pc, rc))
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]

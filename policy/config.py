@@ -82,9 +82,9 @@ class V4Config:
             activations at every GEMM whose weight is FP8 / FP4 in the official checkpoint,
             BF16 before every quantiser, amax floors, BF16 index scores, attention with BF16
             operands; see policy.quant). Every path follows it: full forward (training, the
-            learner's logprobs), prefill, cached extend and decode. "official" runs the dense
-            attention layout whatever ``attn_path`` says, with the torch core (``attn_impl``
-            must be "torch").
+            learner's logprobs), prefill, cached extend and decode, on either ``attn_path``.
+            "official" needs ``attn_impl`` "torch": the Triton kernels compute in reference
+            numerics only.
     """
 
     vocab_size: int = 129280
@@ -175,7 +175,7 @@ class V4Config:
             raise ValueError(f"numerics must be one of {NUMERICS}, got {self.numerics!r}")
         if self.numerics == "official" and self.attn_impl != "torch":
             raise ValueError(
-                f"numerics='official' needs attn_impl='torch' (the Triton kernel does not apply "
+                f"numerics='official' needs attn_impl='torch' (the Triton kernels do not apply "
                 f"the official rounding), got attn_impl={self.attn_impl!r}"
             )
         if self.kv_dtype not in KV_DTYPES:

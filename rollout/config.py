@@ -11,7 +11,8 @@ an unknown section or key, a value of the wrong type, or a value out of range ra
     [policy]    preset ("tiny" | "demo" | ...), checkpoint (a safetensors file or a learner
                 checkpoint directory; "" = random weights seeded by run.seed, the same on every
                 worker), tokenizer (a tokenizer.json, e.g. a training run's; "" = as [tokenizer]
-                says), kv_dtype
+                says), kv_dtype, numerics ("reference" | "official": the policy's rounding,
+                V4Config.numerics; the rollout workers' engines and the learner both follow it)
     [engine]    max_batch, max_context, kv_budget_bytes (0 = no budget)
     [task]      name, split, num_prompts, group_size (G episodes per prompt), [task.options]
     [sampling]  temperature (the learner's logprobs are of softmax(logits / temperature) too),
@@ -71,6 +72,7 @@ class PolicySection:
     checkpoint: str = ""
     tokenizer: str = ""
     kv_dtype: str = _opt("fp8", choices=("fp8", "bfloat16", "float32"))
+    numerics: str = _opt("reference", choices=("reference", "official"))
 
 
 @dataclass(frozen=True)
@@ -300,10 +302,10 @@ def _build(raw: dict[str, Any], source: str, overridden: set[tuple[str, str]]) -
 
 def _check_across(c: Config) -> None:
     """Checks that involve more than one key, or another package's names."""
-    from policy.config import V4Config
+    from rollout.train_config import model_config
 
     try:
-        model = V4Config.from_preset(c.policy.preset, kv_dtype=c.policy.kv_dtype)
+        model = model_config(c)
     except ValueError as e:
         raise ConfigError(f"policy.preset: {e}") from None
     if c.policy.checkpoint and not checkpoint_file(c.policy.checkpoint).is_file():

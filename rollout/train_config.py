@@ -135,8 +135,10 @@ def check(c: Any, error: type[Exception]) -> None:
 
 
 def model_config(c: Any) -> Any:
-    """The policy's V4Config: the preset, with the embedding sized to a BPE tokenizer."""
+    """The policy's V4Config, the one every rollout worker and the learner build: the preset
+    with ``[policy]`` kv_dtype and numerics, the embedding sized to a BPE tokenizer."""
     from policy.config import V4Config
 
     extra = {"vocab_size": c.tokenizer.vocab_size} if c.tokenizer.kind == "bpe" else {}
-    return V4Config.from_preset(c.policy.preset, kv_dtype=c.policy.kv_dtype, **extra)
+    p = c.policy
+    return V4Config.from_preset(p.preset, kv_dtype=p.kv_dtype, numerics=p.numerics, **extra)

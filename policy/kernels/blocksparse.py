@@ -11,7 +11,8 @@ tokens ``kv`` [B, S, c]. New token t (0-based) sees:
 - compressed (``CompressedKeys``): HCA every entry i with (i + 1) m <= pos[b, t] + 1, read as keys
   shared by the chunk; CSA only the entries its indexer chose (``select``), gathered per query.
 One softmax runs over window and compressed logits with the sink in the denominator only, the
-same function as ``policy.kernels.sparse_attention`` on the dense mask.
+same function as ``policy.kernels.sparse_attention`` on the dense mask (numerics "official": as
+``policy.quant.bf16_attention``, q·K and P·V with BF16 operands).
 
 Window blocks: a chunk's queries form J blocks of W; block j reads the 2W timeline keys
 [previous W | own W] and masks the band i < r <= i + W (query offset i, key offset r): 2W logits
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 
 import policy.kernels as kernels
 from policy.layers import as_dtype, f32
+from policy.quant import round_to
 
 
 @dataclass
@@ -104,13 +106,17 @@ def chunk_attention(
     sink: torch.Tensor,
     scale: float,
     impl: str = "torch",
+    numerics: str = "reference",
 ) -> torch.Tensor:
     """Queries a..a+L-1 (a a multiple of W): qc [B, L, H, c], the ``timeline`` kvp / prev_ok
-    -> o [B, L, H, c] in qc's dtype. impl "torch" (autograd) or "triton" (forward only)."""
+    -> o [B, L, H, c] in qc's dtype. impl "torch" (autograd) or "triton" (forward only);
+    numerics "reference" (fp32) or "official" (BF16 operands of q·K and P·V, torch only)."""
     if impl == "torch":
-        return _chunk_torch(qc, kvp, prev_ok, a, w, comp, sink, scale)
+        return _chunk_torch(qc, kvp, prev_ok, a, w, comp, sink, scale, numerics == "official")
     if impl != "triton":
         raise ValueError(f"attention impl must be 'torch' or 'triton', got {impl!r}")
+    if numerics != "reference":
+        raise ValueError(f"attention impl 'triton' has reference numerics only, got {numerics!r}")
     kernels.check_triton(qc, kvp, sink)
     return _chunk_triton(qc, kvp, prev_ok, a, w, comp, sink, scale)
 
@@ -163,37 +169,44 @@ def _window_allowed(prev_ok: torch.Tensor, a: int, j: int, w: int) -> torch.Tens
     return band & ok[:, :, None, :]
 
 
-def _compressed_logits(qc, comp, a, e, scale):
+def _compressed_logits(qc, comp, a, e, scale, bf16):
     """Compressed part of queries a..e-1, qc [B, L, H, c] fp32 -> (logits [B, L, H, n|K]
-    masked, values [B, n, c] shared or [B, L, K, c] gathered), or None when nothing is
-    visible."""
+    masked, values [B, n, c] shared or [B, L, K, c] gathered; rounded to BF16 when ``bf16``),
+    or None when nothing is visible."""
     n = comp.visible(a, e)
     if n == 0:
         return None
     if comp.select is None:  # HCA: all visible entries, shared by the chunk
-        vals = f32(comp.entries[:, :n])
+        vals = _operand(comp.entries[:, :n], bf16)
         logits = torch.einsum("bshc,bnc->bshn", qc, vals) * scale
         return logits.masked_fill(~comp.mask(a, e, n)[:, :, None], float("-inf")), vals
     idx = comp.select(a, e, n)  # [B, L, K]
     rows = torch.arange(idx.shape[0], device=idx.device)[:, None, None]
-    vals = f32(comp.entries[rows, idx.clamp(min=0)])  # [B, L, K, c]
+    vals = _operand(comp.entries[rows, idx.clamp(min=0)], bf16)  # [B, L, K, c]
     logits = torch.einsum("bshc,bskc->bshk", qc, vals) * scale
     return logits.masked_fill(~(idx >= 0)[:, :, None], float("-inf")), vals
 
 
-def _chunk_torch(q, kvp, prev_ok, a, w, comp, sink, scale):
-    """Output [B, L, H, c] of queries a..e-1 (q [B, L, H, c]): window blocks + compressed."""
+def _operand(t: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """A q·K or P·V operand in fp32, rounded to BF16 first when ``bf16`` (straight-through)."""
+    return round_to(f32(t), torch.bfloat16) if bf16 else f32(t)
+
+
+def _chunk_torch(q, kvp, prev_ok, a, w, comp, sink, scale, bf16=False):
+    """Output [B, L, H, c] of queries a..e-1 (q [B, L, H, c]): window blocks + compressed.
+    ``bf16``: the official numerics: BF16 q, keys / values and probabilities in the products
+    (accumulated in fp32); the max, exp and denominator stay fp32, on the unrounded p."""
     ln = q.shape[1]
     e = a + ln
     j = -(-ln // w)  # window blocks; the last one padded with zero queries
-    qc = f32(q)
+    qc = _operand(q, bf16)
     qb = F.pad(qc, (0, 0, 0, 0, 0, j * w - ln)).unflatten(1, (j, w))  # [B, J, W, H, c]
-    kc = kvp[:, a : a + (j + 1) * w].unflatten(1, (j + 1, w))  # [B, J + 1, W, c]
+    kc = _operand(kvp[:, a : a + (j + 1) * w], bf16).unflatten(1, (j + 1, w))  # [B, J+1, W, c]
     keys = torch.cat((kc[:, :-1], kc[:, 1:]), dim=2)  # [B, J, 2W, c]
     lw = torch.einsum("bjihc,bjrc->bjihr", qb, keys) * scale
     allowed = _window_allowed(prev_ok, a, j, w)[:, :, :, None, :]
     lw = lw.masked_fill(~allowed, float("-inf")).flatten(1, 2)[:, :ln]  # [B, L, H, 2W]
-    part = None if comp is None else _compressed_logits(qc, comp, a, e, scale)
+    part = None if comp is None else _compressed_logits(qc, comp, a, e, scale, bf16)
     sink = f32(sink)
     mx = lw.amax(dim=-1)  # [B, L, H]; finite: every query sees itself
     if part is not None:
@@ -201,12 +214,13 @@ def _chunk_torch(q, kvp, prev_ok, a, w, comp, sink, scale):
     mx = torch.maximum(mx, sink).detach()  # any shift gives the same softmax
     pw = torch.exp(lw - mx[..., None])
     denom = pw.sum(dim=-1) + torch.exp(sink - mx)
-    pw = F.pad(pw, (0, 0, 0, 0, 0, j * w - ln)).unflatten(1, (j, w))
+    pw = F.pad(_operand(pw, bf16), (0, 0, 0, 0, 0, j * w - ln)).unflatten(1, (j, w))
     o = torch.einsum("bjihr,bjrc->bjihc", pw, keys).flatten(1, 2)[:, :ln]
     if part is not None:
         logits, vals = part
         pc = torch.exp(logits - mx[..., None])
         denom = denom + pc.sum(dim=-1)
+        pc = _operand(pc, bf16)
         if vals.dim() == 3:
             o = o + torch.einsum("bshn,bnc->bshc", pc, vals)
         else:

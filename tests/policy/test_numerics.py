@@ -9,17 +9,21 @@ is exact; the attention core (fp32 exp) is compared with a tolerance well below 
 Equivalence criteria as in test_kv_cache / test_continuation: per layer (same layer input on
 both paths), >= 99% of outputs within 1e-4; whole model, logits within 1e-5 (bf16 model: every
 rounding point lands on BF16 values, so no fp32-reordering flip was seen; the fp32 model's flips
-make whole-model comparisons of quantised paths unstable, as there).
+make whole-model comparisons of quantised paths unstable, as there). Official mode runs on both
+attention layouts: the block-sparse one (the default: the cached-path tests above run on it)
+against the dense one as in test_blocksparse (1e-5 per layer, fp32).
 
 The Hadamard rotation of indexer queries and keys returns BF16 before FP4 (every mode).
 """
 
+import copy
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+import policy.kernels
 from policy.attention import Attention
 from policy.compressor import hadamard, quantize_index, quantize_kv
 from policy.config import V4Config
@@ -282,10 +286,11 @@ def test_official_layer_prefill_decode_matches_full(kind, dtype):
     assert close >= 0.99, float(close)
 
 
+@pytest.mark.parametrize("attn_path", ["blocksparse", "dense"])
 @torch.no_grad()
-def test_official_bf16_model_prefill_extend_decode_match_full():
+def test_official_bf16_model_prefill_extend_decode_match_full(attn_path):
     torch.manual_seed(8)
-    cfg = V4Config.from_preset("tiny", numerics="official", dtype="bfloat16")
+    cfg = V4Config.from_preset("tiny", numerics="official", dtype="bfloat16", attn_path=attn_path)
     model = V4Model(cfg).eval()
     ids = torch.randint(0, cfg.vocab_size, (2, 16))
     full = model(ids)
@@ -300,6 +305,50 @@ def test_official_bf16_model_prefill_extend_decode_match_full():
         got.append(model.decode(ids[torch.arange(2), p], cache))
         want.append(full[torch.arange(2), p])
     torch.testing.assert_close(torch.cat(got), torch.cat(want), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------ block-sparse vs dense layout
+@pytest.mark.parametrize("kind", ["swa", "csa", "hca"])
+def test_official_blocksparse_layer_equals_dense(kind, monkeypatch):
+    """The block-sparse layout (the default) against the dense one, official numerics, same
+    fp32 layer and input, query chunks of one window block (S = 33 crosses the window and block
+    boundaries): outputs, input and weight gradients within 1e-5. Both apply the same roundings
+    to the same keys; only the fp32 summation order differs (measured: outputs <= 2.4e-7 apart,
+    bitwise in one chunk; gradients <= 1.1e-6), while a rounding done differently moves an
+    output by a BF16 step of p or an FP8 step at wo_b's input (~1e-3)."""
+    attn = _official_layer(kind, "float32")
+    dense = copy.deepcopy(attn)
+    dense.cfg = attn.cfg.replace(attn_path="dense")
+    monkeypatch.setattr(policy.kernels, "MAX_BLOCK_ELEMS", 1)
+    g = torch.Generator().manual_seed(11)
+    x, weight = torch.randn(2, 33, 64, generator=g), torch.randn(2, 33, 64, generator=g)
+    pos = torch.arange(33).expand(2, 33)
+    got = []
+    for layer in (attn, dense):
+        xi = x.clone().requires_grad_()
+        out = layer(xi, pos)
+        (out * weight).sum().backward()
+        grads = {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
+        got.append((out.detach(), xi.grad, grads))
+    (out, gx, grads), (want, wgx, wgrads) = got
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(gx, wgx, atol=1e-5, rtol=0)
+    assert grads.keys() == wgrads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, wgrads[name], atol=1e-5, rtol=0, msg=name)
+
+
+@torch.no_grad()
+def test_official_blocksparse_model_equals_dense():
+    """Whole bf16 model, full forward: the block-sparse and the dense layout give the same
+    logits (the whole-model criterion above, 1e-5; measured bitwise, also in fp32)."""
+    torch.manual_seed(8)
+    cfg = V4Config.from_preset("tiny", numerics="official", dtype="bfloat16")
+    sparse = V4Model(cfg).eval()
+    dense = V4Model(cfg.replace(attn_path="dense")).eval()
+    dense.load_state_dict(sparse.state_dict())
+    ids = torch.randint(0, cfg.vocab_size, (2, 41))
+    torch.testing.assert_close(sparse(ids), dense(ids), atol=1e-5, rtol=0)
 
 
 def test_official_training_step_has_gradients():

@@ -133,6 +133,10 @@ BAD_FILES = [
         r"thinking_mode must be one of \['thinking', 'chat'\]",
     ),
     ("[policy]\nkv_dtype = 'fp4'\n", r"policy\.kv_dtype must be one of \['fp8', 'bfloat16'"),
+    (
+        "[policy]\nnumerics = 'offical'\n",
+        r"policy\.numerics must be one of \['reference', 'official'\], got 'offical'",
+    ),
     ("[policy]\npreset = 'huge'\n", r"policy\.preset: unknown preset 'huge'"),
     ("[policy]\ncheckpoint = 'no/such/file.safetensors'\n", r"policy\.checkpoint: no file"),
     ("[policy]\ntokenizer = 'no/tokenizer.json'\n", r"policy\.tokenizer: no file"),
@@ -217,3 +221,20 @@ def test_checkpoint_is_a_file_or_a_learner_checkpoint_directory(tmp_path):
     (ckpt / "model.safetensors").write_bytes(b"")
     assert load_config(None, [f"policy.checkpoint={ckpt}"]).policy.checkpoint == str(ckpt)
     assert load_config(None, [f"policy.checkpoint={ckpt / 'model.safetensors'}"])
+
+
+def test_policy_numerics_reaches_the_engine_and_the_learner(tmp_path):
+    """[policy] numerics is the numerics of both models: a rollout worker's engine and the
+    learner (the rollout-vs-learner logprob gap needs the same rounding on both sides)."""
+    from rollout.learner import Learner
+    from rollout.workers import RolloutWorker
+
+    assert load_config(None).policy.numerics == "reference"
+    c = load_config(write(tmp_path, '[policy]\npreset = "tiny"\nnumerics = "official"\n'))
+    worker = RolloutWorker(c.to_dict())
+    worker._make_backend()  # what the actor builds on its first call
+    try:
+        assert worker._engine.model.cfg.numerics == "official"
+    finally:
+        worker._engine.shutdown_sync()
+    assert Learner(c, device="cpu").model.cfg.numerics == "official"
