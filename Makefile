@@ -71,6 +71,9 @@ bench: setup ## run the benchmarks (tables printed, JSON under bench/results/)
 	$(PY) bench/engine.py
 	$(PY) bench/engine_sessions.py
 	$(PY) bench/rollout.py
+	$(PY) bench/attention.py
+	$(PY) bench/numerics.py
+# bench/long_context.py (tens of minutes: 128K-token prefills) runs on its own.
 
 .PHONY: clean
 clean: ## remove build outputs (keeps .venv)
