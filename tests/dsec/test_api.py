@@ -170,7 +170,20 @@ def test_init_leaves_the_owners_session():
         assert int(outer_stat[3]) != os.getsid(0)
 
 
+@pytest.fixture
+def sigint_raises():
+    """Python's own SIGINT handler during the test: a process started with SIGINT ignored (a
+    background job of a non-interactive shell) inherits SIG_IGN, and Python then installs none,
+    so Ctrl-C would never reach the call."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("kind", ["exec", "python"])
+@pytest.mark.usefixtures("sigint_raises")
 def test_ctrl_c_cancels_the_call_and_keeps_the_sandbox(sb, kind):
     timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
