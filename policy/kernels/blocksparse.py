@@ -121,40 +121,6 @@ def chunk_attention(
     return _chunk_triton(qc, kvp, prev_ok, a, w, comp, sink, scale)
 
 
-def blocksparse_attention(
-    q: torch.Tensor,
-    kv: torch.Tensor,
-    sink: torch.Tensor,
-    scale: float,
-    window: int,
-    prev: torch.Tensor | None = None,
-    prev_ok: torch.Tensor | None = None,
-    comp: CompressedKeys | None = None,
-    impl: str = "torch",
-) -> torch.Tensor:
-    """Window + compressed attention of S new tokens in chunks of ``chunk_queries``.
-
-    Args:
-        q: [B, S, H, c] queries; kv: [B, S, c] their keys (= values), already quantised.
-        sink: [H] sink logits; scale: softmax scale.
-        window: W.
-        prev / prev_ok: [B, W, c] / [B, W] bool: the W tokens before the first query, oldest
-            first, and which of them exist; None: the sequence starts at position 0.
-        comp: the compressed entries (CSA / HCA layers) or None (sliding window only).
-        impl: "torch" (autograd) or "triton" (the compressed-attention kernel, forward only).
-    Returns:
-        o: [B, S, H, c] in q's dtype.
-    """
-    b, s, h, c = q.shape
-    kvp, prev_ok = timeline(kv, window, prev, prev_ok)
-    step = chunk_queries(b, h, c, window, comp)
-    parts = [
-        chunk_attention(q[:, a : a + step], kvp, prev_ok, a, window, comp, sink, scale, impl)
-        for a in range(0, s, step)
-    ]
-    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-
-
 # --------------------------------------------------------------------------- torch chunk
 def _window_allowed(prev_ok: torch.Tensor, a: int, j: int, w: int) -> torch.Tensor:
     """[B|1, J, W, 2W] bool: key r of block j visible to its query i (band i < r <= i + W; in
