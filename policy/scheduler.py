@@ -167,6 +167,9 @@ class Scheduler:
         self.counters = collections.Counter()
         self.error: BaseException | None = None
         self.stopping = False
+        # submit's check of ``stopping`` and its put are one step against shutdown: an operation
+        # is either refused or in the inbox before the loop's last drain, never lost between
+        self.submit_lock = threading.Lock()
         self.wake = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="policy-engine", daemon=True)
         self.thread.start()
@@ -174,10 +177,11 @@ class Scheduler:
     # ------------------------------------------------------------------ submission (any thread)
     def submit(self, kind: str, **kw: Any) -> Future:
         fut: Future = Future()
-        if self.stopping:
-            fut.set_exception(RuntimeError("the engine is shut down"))
-            return fut
-        self.inbox.put(_Op(kind, fut, **kw))
+        with self.submit_lock:
+            if self.stopping:
+                fut.set_exception(RuntimeError("the engine is shut down"))
+                return fut
+            self.inbox.put(_Op(kind, fut, **kw))
         self.wake.set()
         return fut
 
@@ -186,7 +190,8 @@ class Scheduler:
         self.wake.set()
 
     def shutdown(self, timeout: float | None = None) -> None:
-        self.stopping = True
+        with self.submit_lock:
+            self.stopping = True
         self.wake.set()
         self.thread.join(timeout)
 

@@ -400,3 +400,41 @@ def test_bad_input_is_named_and_other_sessions_unaffected(model):
             await eng.open([1])
 
     _run(main())
+
+
+def test_operations_submitted_during_shutdown_are_all_answered(model):
+    """Submitters racing shutdown: every operation is either run or refused with "shut down",
+    none is left unanswered (an await on it would hang)."""
+    import threading
+
+    from policy.scheduler import Scheduler
+
+    for _ in range(3):
+        sched = Scheduler(
+            model,
+            max_batch=2,
+            max_context=64,
+            kv_budget_bytes=None,
+            prefix_cache_bytes=0,
+            prefix_block=16,
+            token_budget=64,
+            chunk=16,
+            on_weight_update="recompute",
+        )
+        futures, go = [], threading.Event()
+
+        def submit(futures=futures, sched=sched, go=go):
+            go.wait()
+            for _ in range(200):
+                futures.append(sched.submit("open", tokens=[1, 2, 3]))
+
+        threads = [threading.Thread(target=submit) for _ in range(3)]
+        for t in threads:
+            t.start()
+        go.set()
+        sched.shutdown()
+        for t in threads:
+            t.join()
+        for fut in futures:
+            exc = fut.exception(timeout=10)  # raises TimeoutError if never answered
+            assert exc is None or "shut down" in str(exc)
