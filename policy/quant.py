@@ -574,22 +574,6 @@ def bf16_attention(
     o = (BF16 p · BF16 v) accumulated in fp32, / denominator, in q's dtype. BF16 roundings have a
     straight-through gradient. The max is the row's global one (the kernel's running max over key
     blocks rescales the same values)."""
-    from policy.kernels import MAX_BLOCK_ELEMS
+    from policy.kernels import sparse_attention
 
-    b, s, h, _ = q.shape
-    step = max(1, MAX_BLOCK_ELEMS // max(1, b * h * kv.shape[1]))
-    if s > step:
-        parts = [
-            bf16_attention(q[:, i : i + step], kv, allowed[:, i : i + step], sink, scale)
-            for i in range(0, s, step)
-        ]
-        return torch.cat(parts, dim=1)
-    bf16 = torch.bfloat16
-    kvb, sink = round_to(kv.float(), bf16), sink.float()
-    logits = torch.einsum("bshc,bnc->bshn", round_to(q.float(), bf16), kvb) * scale
-    logits = logits.masked_fill(~allowed[:, :, None, :], float("-inf"))
-    mx = torch.maximum(logits.amax(dim=-1), sink).detach()  # [B, S, H]
-    p = torch.exp(logits - mx[..., None])
-    denom = p.sum(dim=-1) + torch.exp(sink - mx)
-    o = torch.einsum("bshn,bnc->bshc", round_to(p, bf16), kvb) / denom[..., None]
-    return o.to(q.dtype)
+    return sparse_attention(q, kv, allowed, sink, scale, bf16=True)

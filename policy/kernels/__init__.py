@@ -12,6 +12,7 @@ import os
 import torch
 
 from policy.layers import as_dtype, f32
+from policy.quant import round_to
 
 # Largest [B, S_chunk, H, N] logits block materialised at once (fp32 elements): long prefills
 # run their queries in chunks so memory stays O(S * N / chunks), not O(S * N * H * B).
@@ -78,12 +79,20 @@ def triton_gathered(
 
 
 def sparse_attention(
-    q: torch.Tensor, kv: torch.Tensor, allowed: torch.Tensor, sink: torch.Tensor, scale: float
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    allowed: torch.Tensor,
+    sink: torch.Tensor,
+    scale: float,
+    bf16: bool = False,
 ) -> torch.Tensor:
     """Shared-KV (MQA) attention over an allowed key set, with a per-head sink.
 
     The sink logit enters the softmax denominator only: o = sum_n e^(l_n) kv_n / (sum_n e^(l_n)
-    + e^(sink)), so the weights may sum to less than one. Math in fp32.
+    + e^(sink)), so the weights may sum to less than one. Math in fp32; ``bf16`` (the official
+    numerics, ``policy.quant.bf16_attention``): q, kv and the probabilities are rounded to BF16
+    as operands of the two products (accumulated in fp32, straight-through gradient), while the
+    max, exp and denominator stay fp32 on the unrounded probabilities.
 
     Args:
         q: [B, S, H, c] queries.
@@ -91,6 +100,7 @@ def sparse_attention(
         allowed: [B, S, N] bool, which keys each query sees.
         sink: [H] sink logits.
         scale: softmax scale (c ** -0.5).
+        bf16: BF16 operands (see above).
     Returns:
         o: [B, S, H, c] in q's dtype.
     """
@@ -98,15 +108,21 @@ def sparse_attention(
     step = max(1, MAX_BLOCK_ELEMS // max(1, b * h * kv.shape[1]))
     if s > step:
         parts = [
-            sparse_attention(q[:, i : i + step], kv, allowed[:, i : i + step], sink, scale)
+            sparse_attention(q[:, i : i + step], kv, allowed[:, i : i + step], sink, scale, bf16)
             for i in range(0, s, step)
         ]
         return torch.cat(parts, dim=1)
-    kvf, sink = f32(kv), f32(sink)
-    logits = torch.einsum("bshc,bnc->bshn", f32(q), kvf) * scale
+    kvf, sink = operand(kv, bf16), f32(sink)
+    logits = torch.einsum("bshc,bnc->bshn", operand(q, bf16), kvf) * scale
     logits = logits.masked_fill(~allowed[:, :, None, :], float("-inf"))
-    mx = torch.maximum(logits.amax(dim=-1), sink)  # [B, S, H]
+    mx = torch.maximum(logits.amax(dim=-1), sink).detach()  # any shift gives the same softmax
     p = torch.exp(logits - mx[..., None])
     denom = p.sum(dim=-1) + torch.exp(sink - mx)
-    o = torch.einsum("bshn,bnc->bshc", p, kvf) / denom[..., None]
+    o = torch.einsum("bshn,bnc->bshc", operand(p, bf16), kvf) / denom[..., None]
     return as_dtype(o, q.dtype)
+
+
+def operand(t: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """An attention product's operand in fp32, rounded to BF16 first when ``bf16`` (the
+    rounding has a straight-through gradient)."""
+    return round_to(f32(t), torch.bfloat16) if bf16 else f32(t)

@@ -37,7 +37,6 @@ import torch.nn.functional as F
 
 import policy.kernels as kernels
 from policy.layers import as_dtype, f32
-from policy.quant import round_to
 
 
 @dataclass
@@ -143,19 +142,14 @@ def _compressed_logits(qc, comp, a, e, scale, bf16):
     if n == 0:
         return None
     if comp.select is None:  # HCA: all visible entries, shared by the chunk
-        vals = _operand(comp.entries[:, :n], bf16)
+        vals = kernels.operand(comp.entries[:, :n], bf16)
         logits = torch.einsum("bshc,bnc->bshn", qc, vals) * scale
         return logits.masked_fill(~comp.mask(a, e, n)[:, :, None], float("-inf")), vals
     idx = comp.select(a, e, n)  # [B, L, K]
     rows = torch.arange(idx.shape[0], device=idx.device)[:, None, None]
-    vals = _operand(comp.entries[rows, idx.clamp(min=0)], bf16)  # [B, L, K, c]
+    vals = kernels.operand(comp.entries[rows, idx.clamp(min=0)], bf16)  # [B, L, K, c]
     logits = torch.einsum("bshc,bskc->bshk", qc, vals) * scale
     return logits.masked_fill(~(idx >= 0)[:, :, None], float("-inf")), vals
-
-
-def _operand(t: torch.Tensor, bf16: bool) -> torch.Tensor:
-    """A q·K or P·V operand in fp32, rounded to BF16 first when ``bf16`` (straight-through)."""
-    return round_to(f32(t), torch.bfloat16) if bf16 else f32(t)
 
 
 def _chunk_torch(q, kvp, prev_ok, a, w, comp, sink, scale, bf16=False):
@@ -165,9 +159,11 @@ def _chunk_torch(q, kvp, prev_ok, a, w, comp, sink, scale, bf16=False):
     ln = q.shape[1]
     e = a + ln
     j = -(-ln // w)  # window blocks; the last one padded with zero queries
-    qc = _operand(q, bf16)
+    qc = kernels.operand(q, bf16)
     qb = F.pad(qc, (0, 0, 0, 0, 0, j * w - ln)).unflatten(1, (j, w))  # [B, J, W, H, c]
-    kc = _operand(kvp[:, a : a + (j + 1) * w], bf16).unflatten(1, (j + 1, w))  # [B, J+1, W, c]
+    kc = kernels.operand(kvp[:, a : a + (j + 1) * w], bf16).unflatten(
+        1, (j + 1, w)
+    )  # [B, J+1, W, c]
     keys = torch.cat((kc[:, :-1], kc[:, 1:]), dim=2)  # [B, J, 2W, c]
     lw = torch.einsum("bjihc,bjrc->bjihr", qb, keys) * scale
     allowed = _window_allowed(prev_ok, a, j, w)[:, :, :, None, :]
@@ -180,13 +176,13 @@ def _chunk_torch(q, kvp, prev_ok, a, w, comp, sink, scale, bf16=False):
     mx = torch.maximum(mx, sink).detach()  # any shift gives the same softmax
     pw = torch.exp(lw - mx[..., None])
     denom = pw.sum(dim=-1) + torch.exp(sink - mx)
-    pw = F.pad(_operand(pw, bf16), (0, 0, 0, 0, 0, j * w - ln)).unflatten(1, (j, w))
+    pw = F.pad(kernels.operand(pw, bf16), (0, 0, 0, 0, 0, j * w - ln)).unflatten(1, (j, w))
     o = torch.einsum("bjihr,bjrc->bjihc", pw, keys).flatten(1, 2)[:, :ln]
     if part is not None:
         logits, vals = part
         pc = torch.exp(logits - mx[..., None])
         denom = denom + pc.sum(dim=-1)
-        pc = _operand(pc, bf16)
+        pc = kernels.operand(pc, bf16)
         if vals.dim() == 3:
             o = o + torch.einsum("bshn,bnc->bshc", pc, vals)
         else:
