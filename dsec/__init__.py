@@ -37,7 +37,7 @@ from dsec._native import (
 from dsec.cmdlog import CommandLog, LogError
 from dsec.replay import LoggedSandbox, RecordedResult
 from dsec.snapshot import Snapshot
-from dsec.spares import keep_spares, spare_stats, stop_spares
+from dsec.spares import auto_spares, keep_spares, spare_stats, stop_spares
 
 __all__ = [
     "CommandLog",
@@ -54,6 +54,7 @@ __all__ = [
     "SandboxPool",
     "SandboxSetupError",
     "Snapshot",
+    "auto_spares",
     "check",
     "keep_spares",
     "spare_stats",
@@ -93,8 +94,10 @@ class Sandbox(_native.Sandbox):
       copy-on-write (overlay; writes bounded by ``disk_bytes``).
 
     :meth:`spawn` starts a background :class:`Process` (a server, a watcher) that outlives the
-    call; it dies with the sandbox. With :func:`keep_spares` for these keyword arguments,
-    creating a sandbox takes a pre-started spare (see :mod:`dsec.spares`).
+    call; it dies with the sandbox. Creating a sandbox takes a pre-started spare of the same
+    keyword arguments when one is ready, and keeps one ready for the next (``spare=False``:
+    always start a new one; :func:`auto_spares` and :func:`keep_spares` set how many; see
+    :mod:`dsec.spares`).
     ``CommandLog(path, task=..., trajectory=...).attach(sb)`` records a trajectory's calls and
     replays them on a resumed trajectory (see :mod:`dsec.replay`).
 
@@ -103,14 +106,17 @@ class Sandbox(_native.Sandbox):
     """
 
     def __new__(
-        cls, *, snapshot: Snapshot | None = None, _spare: bool = True, **kwargs: Any
+        cls, *, snapshot: Snapshot | None = None, spare: bool = True, **kwargs: Any
     ) -> Sandbox:
         if snapshot is None:
-            if _spare and cls is Sandbox and "_handoff" not in kwargs:
-                spare = _spares.take(kwargs)  # None unless keep_spares() holds this limit set
-                if spare is not None:
-                    return spare
-            return super().__new__(cls, **kwargs)
+            if not spare or cls is not Sandbox or "_handoff" in kwargs:
+                return super().__new__(cls, **kwargs)
+            found = _spares.take(kwargs)
+            if found is not None:
+                return found
+            sb = super().__new__(cls, **kwargs)
+            _spares.created(kwargs)  # spares for this limit set from now on
+            return sb
         if not isinstance(snapshot, Snapshot):
             raise PolicyError(f"snapshot must be a dsec.Snapshot, got {type(snapshot).__name__}")
         snapshot._check_open()

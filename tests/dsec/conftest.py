@@ -17,6 +17,15 @@ from sandbox_helpers import new_sandbox
 import dsec
 
 
+@pytest.fixture(autouse=True)
+def no_spares_across_tests() -> Iterator[None]:
+    """Each test starts and ends without warm spares, so what it counts (cgroups, processes)
+    is its own; a test that counts mid-way stops the spares its sandboxes started."""
+    dsec.stop_spares()
+    yield
+    dsec.stop_spares()
+
+
 @pytest.fixture(scope="module")
 def sandbox() -> Iterator[dsec.Sandbox]:
     """One sandbox shared by a module's tests that do not depend on its state."""

@@ -69,6 +69,7 @@ def test_reset_leaves_no_file_process_ipc_or_handle_behind():
         m = pool.metrics()
         assert (m["creations"], m["resets"], m["failures"], m["acquires"]) == (1, 2, 0, 2)
     wait_for(lambda: not os.path.exists(f"/proc/{init}"), "the pool's sandbox closed")
+    dsec.stop_spares()  # the spare its limit set started
     wait_for(lambda: sandbox_cgroups() == before, "the pool's cgroups removed")
 
 

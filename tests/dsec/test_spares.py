@@ -1,5 +1,6 @@
-"""Warm spares (`dsec.keep_spares`): `Sandbox()` takes a pre-started sandbox of the same limit
-set and a replacement starts in the background; dead spares are replaced; nothing leaks."""
+"""Warm spares: `Sandbox()` takes a pre-started sandbox of the same limit set and a replacement
+starts in the background, automatically after a set's first use or explicitly with
+`dsec.keep_spares`; dead spares are replaced; nothing leaks."""
 
 from __future__ import annotations
 
@@ -63,6 +64,47 @@ def test_a_spare_that_died_is_replaced_silently():
     assert not Path(f"/proc/{dead.pid}").exists() or gone_or_zombie([dead.pid])
 
 
+def test_spares_are_automatic_after_a_limit_sets_first_use():
+    before = sandbox_cgroups()
+    try:
+        with dsec.Sandbox(**LIMITS) as first:
+            assert dsec.spare_stats(**LIMITS)["taken"] == 0
+            wait_for(lambda: dsec.spare_stats(**LIMITS)["ready"] == 1, "the automatic spare")
+            spare_pid = ready_spares()[0].pid
+            assert spare_pid != first.pid
+        with dsec.Sandbox(**LIMITS) as second:
+            assert second.pid == spare_pid
+            assert second.exec("echo ok").stdout == b"ok\n"
+        wait_for(lambda: dsec.spare_stats(**LIMITS)["ready"] == 1, "its replacement")
+        with dsec.Sandbox(spare=False, **LIMITS) as third:
+            assert third.pid != ready_spares()[0].pid
+        assert dsec.spare_stats(**LIMITS)["taken"] == 1
+    finally:
+        dsec.stop_spares()
+    wait_for(lambda: sandbox_cgroups() == before, "the automatic spares closed")
+
+
+def test_automatic_spares_keep_the_most_recent_limit_sets_only():
+    before = sandbox_cgroups()
+    sets = [{**LIMITS, "max_pids": 40 + i} for i in range(spares.AUTO_SETS + 1)]
+    try:
+        pids = []
+        for limits in sets:
+            dsec.Sandbox(**limits).close()
+            wait_for(lambda: dsec.spare_stats(**limits)["ready"] == 1, "a spare")  # noqa: B023
+            pids.append(spares._pools[spares._key(limits)].ready[0].pid)
+        assert dsec.spare_stats(**sets[0])["ready"] == 0  # the oldest set's spare was closed
+        assert gone_or_zombie(pids[:1]) and not any(gone_or_zombie([p]) for p in pids[1:])
+        assert all(dsec.spare_stats(**limits)["ready"] == 1 for limits in sets[1:])
+        dsec.auto_spares(0)  # closes them and keeps none
+        dsec.Sandbox(**LIMITS).close()
+        assert all(dsec.spare_stats(**limits)["ready"] == 0 for limits in [*sets, LIMITS])
+        wait_for(lambda: sandbox_cgroups() == before, "every automatic spare closed")
+    finally:
+        dsec.auto_spares(1)
+        dsec.stop_spares()
+
+
 def test_spares_bad_input():
     for bad in (-1, 65, 1.5, True):
         with pytest.raises(dsec.PolicyError, match="count must be"):
@@ -72,3 +114,19 @@ def test_spares_bad_input():
     with pytest.raises(dsec.PolicyError, match="snapshot"):
         dsec.keep_spares(1, snapshot=None)
     assert dsec.spare_stats(memory_bytes=1)["ready"] == 0
+    with pytest.raises(dsec.PolicyError, match="count must be"):
+        dsec.auto_spares(-1)
+    with pytest.raises(dsec.PolicyError, match="memory_bytes"):
+        dsec.Sandbox(memory_bytes=1)
+    assert dsec.spare_stats(memory_bytes=1)["ready"] == 0  # a failed creation keeps no spares
+
+
+def test_bad_dsec_auto_spares_is_named(monkeypatch):
+    monkeypatch.setenv("DSEC_AUTO_SPARES", "many")
+    monkeypatch.setattr(spares, "_auto", None)
+    with pytest.raises(dsec.PolicyError, match=r"DSEC_AUTO_SPARES must be an int.*'many'"):
+        dsec.Sandbox(**LIMITS).close()
+    monkeypatch.setenv("DSEC_AUTO_SPARES", "0")
+    monkeypatch.setattr(spares, "_auto", None)
+    dsec.Sandbox(**LIMITS).close()
+    assert dsec.spare_stats(**LIMITS)["starting"] + dsec.spare_stats(**LIMITS)["ready"] == 0

@@ -91,6 +91,7 @@ def test_kill_ends_the_whole_tree_and_close_ends_every_process(make_sandbox):
     sb.close()
     wait_for(lambda: gone_or_zombie(pids), "spawned processes gone with the sandbox")
     assert descendants(init) == []
+    dsec.stop_spares()  # the spare its limit set started
     wait_for(lambda: sandbox_cgroups() == before, "the sandbox's cgroups removed")
     with pytest.raises(dsec.SandboxClosedError):
         q.poll()
