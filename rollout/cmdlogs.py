@@ -11,8 +11,10 @@ reproduces the same tokens the same calls come back and get their recorded resul
 running; from the first call that differs, everything runs for real on the restored sandbox.
 Once a group's trajectories are stored (or, for the held-out evaluation, collected) its logs are
 deleted, so the directory holds only the groups in flight. Each trajectory's
-``metadata["cmdlog"]`` counts its calls ``replayed`` and ``executed``; a rollout job's metrics
-record sums the replayed ones (``tools/replayed``).
+``metadata["cmdlog"]`` counts its calls ``replayed`` and ``executed``, and the replayed calls
+``restored`` (run again to give a reward that reads the sandbox the episode's state; a reward
+that does not read it costs no re-run); a rollout job's metrics record sums the replayed calls
+(``tools/replayed``).
 
 A log belongs to one run: its task id is :func:`run_identity` (a digest of the settings a resume
 may not change) and its trajectory id ``<group id>#<sample index>``. A log written by another run

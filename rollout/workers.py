@@ -224,8 +224,9 @@ class RolloutWorker:
     async def _episode(self, group: Group, sample_index: int) -> Trajectory:
         """One episode on its own sandbox, scored while the sandbox is live, then released.
 
-        With a log directory the episode's calls go through its command log; before scoring,
-        the sandbox is brought to the state the replayed calls imply (``restore``)."""
+        With a log directory the episode's calls go through its command log; before a reward
+        that reads the sandbox scores it, the sandbox is brought to the state the replayed calls
+        imply (``restore``; not after a sandbox failure, which such rewards score 0 unread)."""
         from rollout.agent import run_episode
 
         loop = asyncio.get_running_loop()
@@ -255,9 +256,12 @@ class RolloutWorker:
                     thinking_mode=self.config.sampling.thinking_mode,
                 )
                 if log is not None:
-                    await loop.run_in_executor(None, tools.restore)
+                    if self._reward.needs_sandbox and traj.finish_reason != "sandbox_error":
+                        await loop.run_in_executor(None, tools.restore)
                     stats = tools.stats
-                    traj.metadata["cmdlog"] = {k: stats[k] for k in ("replayed", "executed")}
+                    traj.metadata["cmdlog"] = {
+                        k: stats[k] for k in ("replayed", "executed", "restored")
+                    }
                 await loop.run_in_executor(
                     None, self._reward.score, traj, group.instance.verifier, sandbox
                 )

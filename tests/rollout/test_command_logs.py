@@ -77,18 +77,34 @@ def test_a_resumed_group_replays_its_calls_and_is_scored_on_the_restored_workspa
     first, factory = interrupted_run(config, run_dir)
     assert len(list(logs.rglob("*.log"))) == 2
     assert [t.reward for t in first] == [1.0, 1.0]
-    assert [t.metadata["cmdlog"] for t in first] == [{"replayed": 0, "executed": 1}] * 2
+    executed = {"replayed": 0, "executed": 1, "restored": 0}
+    assert [t.metadata["cmdlog"] for t in first] == [executed] * 2
 
     job = RolloutJob(config, run_dir, resume=True, progress="none", backend_factory=factory)
     assert job.run().groups_stored == 1
     stored = sorted(iter_trajectories(run_dir), key=lambda t: t.sample_index)
     # the recorded outputs (the clock) came back: the calls did not run again
     assert [t.tool_calls[0].output for t in stored] == [t.tool_calls[0].output for t in first]
-    assert [t.metadata["cmdlog"] for t in stored] == [{"replayed": 1, "executed": 0}] * 2
+    replayed = {"replayed": 1, "executed": 0, "restored": 1}
+    assert [t.metadata["cmdlog"] for t in stored] == [replayed] * 2
     # scored on the workspace the replayed call implies: solution.py was restored
     assert [t.reward for t in stored] == [1.0, 1.0]
     assert read_metrics(run_dir)[-1]["tools/replayed"] == 2
     assert list(logs.iterdir()) == []  # the stored group's logs are gone
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_reward_that_does_not_read_the_sandbox_costs_no_restore(ray_session, tmp_path):
+    config = small_config("reward.functions=['format']")
+    run_dir = tmp_path / "run"
+    first, factory = interrupted_run(config, run_dir)
+    job = RolloutJob(config, run_dir, resume=True, progress="none", backend_factory=factory)
+    job.run()
+    stored = sorted(iter_trajectories(run_dir), key=lambda t: t.sample_index)
+    assert [t.tool_calls[0].output for t in stored] == [t.tool_calls[0].output for t in first]
+    replayed = {"replayed": 1, "executed": 0, "restored": 0}
+    assert [t.metadata["cmdlog"] for t in stored] == [replayed] * 2
 
 
 @pytest.mark.ray
