@@ -18,9 +18,10 @@ that does not read it costs no re-run); a rollout job's metrics record sums the 
 
 A log belongs to one run: its task id is :func:`run_identity` (a digest of the settings a resume
 may not change) and its trajectory id ``<group id>#<sample index>``. A log written by another run
-(a run directory reused with another config) is refused: the episode fails with
-``dsec.LogError`` naming both identities, and so does the group once its retries are spent;
-remove ``RUN_DIR/cmdlogs`` or set ``sandbox.command_log = false``.
+(a run directory reused with another config), or one damaged, is refused and left as it is: the
+episode raises ``dsec.LogError`` naming the file (and both identities), its group fails and is
+retried, and once its retries are spent the run stops with that error. Remove the file (or
+``RUN_DIR/cmdlogs``), or set ``sandbox.command_log = false``.
 
 Durability: ``fsync="never"``. A record is written before its call returns, so a killed worker
 loses nothing; only a machine crash can lose the tail of a log, which is dropped when the log is
