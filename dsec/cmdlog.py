@@ -9,7 +9,7 @@ File format: the line ``dsec-cmdlog/1``, then frames ``u32 length | u32 crc32 | 
 (little-endian), each payload one msgpack map. The first frame is the header: the log's
 identity (``task``, ``trajectory``) and a random ``id``. Every later frame is one record:
 ``step`` (the call's position in the trajectory, from 0), ``op`` (``exec``, ``run_python``,
-``read_file``, ``write_file``), ``digest`` (SHA-256 of the request, timeout excluded),
+``read_file``, ``write_file``, ``spawn``), ``digest`` (SHA-256 of the request, timeout excluded),
 ``timeout`` (the effective timeout of a command, else None) and either ``result`` or
 ``error`` (the exception the call raised). A record's checksum is seeded with the header's,
 so a record copied in from another log fails it. A record for step ``s`` supersedes every

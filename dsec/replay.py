@@ -2,7 +2,7 @@
 
 ``log.attach(sb)`` (:meth:`dsec.CommandLog.attach`) wraps a sandbox in a
 :class:`LoggedSandbox` with the calls the agent tools use (``exec``, ``run_python``,
-``read_file``, ``write_file`` and the async variants). Each call is step ``n`` of the
+``read_file``, ``write_file``, the async variants, and ``spawn``). Each call is step ``n`` of the
 trajectory. While the calls match the log's records step by step (same operation, same
 request digest and a compatible timeout), the recorded result is returned (an
 :class:`RecordedResult` for commands, the recorded bytes for ``read_file``, the recorded
@@ -20,6 +20,14 @@ not deterministic (a random number, the time) can leave a different state than t
 did; such re-runs are counted in ``stats["restore_mismatches"]`` (exit status, signal or output
 differ), while the results the caller already saw stay the recorded ones. :meth:`restore` does
 the same on demand (before reading the sandbox directly, or before a reward check).
+
+A spawn ends replay. ``spawn`` (a background :class:`dsec.Process`) is a step of the trajectory
+like any call (its request digest: the command, ``env`` and ``cwd``), but a live process cannot
+be replayed from a record: when a replayed trajectory reaches a spawn, matching its record or
+not, it is a divergence. The replayed calls that change state run again in order, the process
+is started for real on the restored sandbox, and every later call runs for real and is appended
+(the records after the spawn's step are superseded). A log is thus replayed only up to its first
+spawn; the spawn's record holds the process's id in the sandbox.
 
 A command's timeout is not part of its digest (a resumed rollout has less time left, so its
 calls get other timeouts): a recorded command result is reused when the timeout is the same,
@@ -195,8 +203,8 @@ class LoggedSandbox:
     @property
     def stats(self) -> dict[str, Any]:
         """replayed, executed, restored (replayed calls run again at the divergence),
-        restore_mismatches, diverged_at (the step of the first call not replayed: a mismatch
-        or past the end of the log; None while replaying)."""
+        restore_mismatches, diverged_at (the step of the first call not replayed: a mismatch,
+        a spawn, or past the end of the log; None while replaying)."""
         with self._lock:
             return dict(self._stats)
 
@@ -248,6 +256,20 @@ class LoggedSandbox:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, lambda: self.run_python(code, timeout=timeout))
 
+    def spawn(
+        self,
+        cmd: str | list[str] | tuple[str, ...],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> Any:
+        """:meth:`dsec.Sandbox.spawn`, recorded and always run for real: it ends replay (on the
+        restored state) and every later call runs for real (module doc)."""
+        form = ["sh", cmd] if isinstance(cmd, str) else ["argv", cmd]
+        pairs = sorted(env.items()) if isinstance(env, dict) else env
+        run = lambda: self._sandbox.spawn(cmd, env=env, cwd=cwd)  # noqa: E731
+        return self._call("spawn", [form, pairs, cwd], None, run, replayable=False)
+
     def restore(self) -> None:
         """Runs the replayed calls that can change state again, in order (each once), so the
         sandbox holds the state the log implies up to the current step. Done automatically
@@ -274,7 +296,15 @@ class LoggedSandbox:
             raise PolicyError(f"timeout must be a number of seconds, got {timeout!r}")
         return float(timeout)
 
-    def _call(self, op: str, request: list[Any], timeout: Any, run: Callable[[], Any]) -> Any:
+    def _call(
+        self,
+        op: str,
+        request: list[Any],
+        timeout: Any,
+        run: Callable[[], Any],
+        *,
+        replayable: bool = True,
+    ) -> Any:
         with self._lock:
             self._log._check_open()
             digest = _digest(op, request)
@@ -282,7 +312,7 @@ class LoggedSandbox:
             step = self._step
             if self._replaying:
                 rec = self._records[step] if step < len(self._records) else None
-                if rec is not None and _matches(rec, op, digest, effective):
+                if replayable and rec is not None and _matches(rec, op, digest, effective):
                     self._step += 1
                     self._stats["replayed"] += 1
                     if op in CHANGES_STATE:
@@ -298,9 +328,7 @@ class LoggedSandbox:
             if error is not None:
                 record["error"] = _error_fields(error)
             else:
-                record["result"] = (
-                    {f: getattr(value, f) for f in FIELDS} if op in COMMANDS else value
-                )
+                record["result"] = _result(op, value)
             self._log._append(record)
             self._step += 1
             self._stats["executed"] += 1
@@ -325,6 +353,15 @@ def _matches(rec: dict[str, Any], op: str, digest: bytes, timeout: float | None)
         and not result["timed_out"]
         and result["wall_time"] < timeout
     )
+
+
+def _result(op: str, value: Any) -> Any:
+    """What a record keeps of a call's value."""
+    if op in COMMANDS:
+        return {f: getattr(value, f) for f in FIELDS}
+    if op == "spawn":
+        return value.id  # a process is never replayed: its id tells a reader which it was
+    return value
 
 
 def _recorded(rec: dict[str, Any]) -> Any:

@@ -19,7 +19,9 @@ an unknown section or key, a value of the wrong type, or a value out of range ra
                 top_p, top_k, max_new_tokens (per turn), thinking_mode
     [limits]    max_turns, max_context_tokens (an episode's context budget; 0: engine.max_context),
                 tool_timeout, deadline (seconds per episode), max_tool_output_chars
-    [sandbox]   memory_mb, max_pids, timeout (each episode gets its own sandbox)
+    [sandbox]   memory_mb, max_pids, timeout (each episode gets its own sandbox), command_log
+                (true: episodes log their sandbox calls in the run directory, so a group run
+                again after an interruption replays them; rollout.cmdlogs)
     [workers]   num_workers, num_cpus, num_gpus (per worker), concurrency (agent loops per
                 worker, and the size of its sandbox pool), max_restarts (Ray restarts of a
                 dead worker), max_group_retries
@@ -114,6 +116,7 @@ class SandboxSection:
     memory_mb: int = _opt(512, lo=16)
     max_pids: int = _opt(64, lo=4)
     timeout: float = _opt(30.0, lo=0.0, open_lo=True)
+    command_log: bool = True
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,10 @@ on a :class:`rollout.workers.RolloutPool`, each finished group stored once.
 ``RolloutJob(config, run_dir).run()`` builds the groups (``task.num_prompts`` instances of
 ``task.split``, ``task.group_size`` episodes each), skips those the run directory already holds
 (``--resume``), stores the others as they finish in batches of ``run.groups_per_batch`` groups
-(``rollout.store``: atomic batch files, a group at most once), appends one ``metrics.jsonl``
-record per batch (``reward.summarize`` of the batch plus progress and failure counts), and
-returns a :class:`RunSummary`. Progress: a tqdm bar on a terminal, one line per batch otherwise.
+(``rollout.store``: atomic batch files, a group at most once; the stored groups' command logs are
+then deleted, ``rollout.cmdlogs``), appends one ``metrics.jsonl`` record per batch
+(``reward.summarize`` of the batch plus progress and failure counts), and returns a
+:class:`RunSummary`. Progress: a tqdm bar on a terminal, one line per batch otherwise.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rollout.cmdlogs import command_log_dir, remove_logs
 from rollout.config import Config, ConfigError, from_dict
 from rollout.store import RunStore
 from rollout.types import Trajectory
@@ -143,6 +145,7 @@ class RolloutJob:
                     self.config,
                     backend_factory=self.backend_factory,
                     tokenizer_json=_run_tokenizer(self.config, self.run_dir),
+                    log_dir=command_log_dir(self.config, self.run_dir),
                 )
                 ready = time.perf_counter()
                 for done, trajectories in enumerate(self.pool.finished(self.pool.submit(pending))):
@@ -177,9 +180,11 @@ class RolloutJob:
         )
 
     def _flush(self, store, buffer, t_start, groups_done) -> dict[str, Any]:
-        """Store the buffered groups as one batch and append its metrics record."""
+        """Store the buffered groups as one batch, delete their command logs, append the
+        batch's metrics record."""
         trajectories = [t for group in buffer for t in group]
         store.write_groups(trajectories)
+        remove_logs(command_log_dir(self.config, self.run_dir), [g[0].group_id for g in buffer])
         stats = self.pool.stats if self.pool is not None else Counter()
         row = {
             "batch": store.num_batches - 1,
@@ -198,8 +203,13 @@ class RolloutJob:
 
 def _check_resumable(stored: dict[str, Any], config: Config) -> None:
     """A resumed run must produce the same kind of trajectories: only the run's location, the
-    workers and engine sizes, and the number of prompts may change."""
-    free = {("run", "out_dir"), ("run", "name"), ("task", "num_prompts")}
+    workers and engine sizes, the number of prompts and ``sandbox.command_log`` may change."""
+    free = {
+        ("run", "out_dir"),
+        ("run", "name"),
+        ("task", "num_prompts"),
+        ("sandbox", "command_log"),
+    }
     free_sections = {"workers", "engine"}
     now = config.to_dict()
     try:
@@ -218,12 +228,16 @@ def _check_resumable(stored: dict[str, Any], config: Config) -> None:
 
 
 def _summarize(trajectories: list[Trajectory]) -> dict[str, Any]:
-    """``reward.summarize`` plus the seconds spent per phase, summed over the episodes."""
+    """``reward.summarize`` plus the seconds spent per phase, summed over the episodes, and the
+    sandbox calls replayed from command logs (``tools/replayed``)."""
     from reward import summarize
 
     out = dict(summarize(trajectories))
     for phase in ("generate", "tools", "score"):
         out[f"timing/{phase}/total"] = sum(t.timings.get(phase, 0.0) for t in trajectories)
+    out["tools/replayed"] = sum(
+        t.metadata.get("cmdlog", {}).get("replayed", 0) for t in trajectories
+    )
     return out
 
 

@@ -10,7 +10,8 @@ this process, or ``rollout.workers.LearnerGroup`` for data-parallel ranks). Per 
    sandbox); each trajectory carries the policy version it was sampled with;
 3. the learner's GRPO step (staleness filter, group advantages, policy loss), version += 1;
 4. the new weights go to the workers (``AsyncEngine.load_weights``);
-5. the trajectories are stored (``rollout.store``), one ``metrics.jsonl`` record is appended, and
+5. the trajectories are stored (``rollout.store``; their command logs are deleted,
+   ``rollout.cmdlogs``), one ``metrics.jsonl`` record is appended, and
    a checkpoint is written (the previous one is removed unless it is a multiple of
    ``rl.checkpoint_every``).
 
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from rollout.cmdlogs import command_log_dir, remove_logs
 from rollout.config import Config
 from rollout.learner import latest_checkpoint
 
@@ -261,7 +263,10 @@ class Trainer:
 
     def _evaluate(self, step: int) -> dict[str, Any]:
         t0 = time.perf_counter()
-        trajs = self.sampler.collect(self.sampler.submit(eval_groups(self.config, self.group_type)))
+        groups = eval_groups(self.config, self.group_type)
+        trajs = self.sampler.collect(self.sampler.submit(groups))
+        # not stored, and sampled again at the next evaluation with other weights
+        remove_logs(command_log_dir(self.config, self.run_dir), [g.group_id for g in groups])
         row = {
             "kind": "eval",
             "step": step,
@@ -294,6 +299,7 @@ class Trainer:
             learn = self.learner.train_step(trajs)
             sync_s = self._publish()
             store.write_groups(trajs)
+            remove_logs(command_log_dir(c, self.run_dir), {t.group_id for t in trajs})
             record = self._step_record(step, trajs, learn, rollout_wait, sync_s, t_step)
             self._record(record)
             bar.update(reward=record["reward"], tools=record["tool_use"])
@@ -420,9 +426,9 @@ def _truncate_metrics(run_dir: Path, keep: Callable[[dict[str, Any]], bool]) -> 
 
 def _check_same_run(stored: dict[str, Any], config: Config) -> None:
     """A resumed run must be the same run: only where it runs (workers, engine sizes, the run
-    directory) and how long (rl.steps) may change."""
+    directory, sandbox.command_log) and how long (rl.steps) may change."""
     free_sections = {"workers", "engine"}
-    free = {("run", "out_dir"), ("run", "name"), ("rl", "steps")}
+    free = {("run", "out_dir"), ("run", "name"), ("rl", "steps"), ("sandbox", "command_log")}
     now = config.to_dict()
     changed = [
         f"{section}.{key}"

@@ -7,7 +7,9 @@ training loop (``rollout.train``) drive it through :class:`RolloutPool`.
 - :class:`RolloutWorker` (an async actor): one policy engine, a sandbox pool, and many agent
   loops at once (``workers.concurrency``), so that one episode's tool call runs while others
   generate. ``run_group(group)`` runs the group's G episodes (a GRPO group), scores each with the
-  reward functions while its sandbox is still live, and returns the G trajectories.
+  reward functions while its sandbox is still live, and returns the G trajectories. Given a log
+  directory, each episode's sandbox calls go through its command log, so a group run again
+  replays the calls it already made (``rollout.cmdlogs``).
 - :class:`RolloutPool`: long-lived workers that run batches of groups (``submit``, then
   ``finished`` or ``collect``), take new weights (``set_weights``), and survive worker deaths.
 - :class:`LearnerGroup`: ``learner.num_ranks`` Learner actors joined by ``torch.distributed``,
@@ -47,6 +49,7 @@ from typing import Any  # noqa: E402
 import ray  # noqa: E402
 from ray.exceptions import ActorDiedError, RayActorError, RayTaskError  # noqa: E402
 
+from rollout.cmdlogs import command_log_dir, open_log, run_identity  # noqa: E402
 from rollout.config import Config, checkpoint_file, from_dict  # noqa: E402
 from rollout.types import Trajectory  # noqa: E402
 
@@ -99,7 +102,8 @@ class RolloutWorker:
     tokenizer); the model's vocabulary follows the config (``rollout.train_config.model_config``).
     ``backend_factory(tokenizer) -> rollout.backends.Backend`` replaces the policy engine by
     another backend (e.g. a ``ScriptedBackend`` to debug a task without a model); no model is
-    built then.
+    built then. ``log_dir``: the run's command log directory
+    (``rollout.cmdlogs.command_log_dir``, reachable from every worker); None: no logs.
     """
 
     def __init__(
@@ -108,11 +112,14 @@ class RolloutWorker:
         index: int = 0,
         backend_factory: Callable[[Any], Any] | None = None,
         tokenizer_json: str | None = None,
+        log_dir: str | None = None,
     ) -> None:
         self.config = from_dict(config)
         self.index = index
         self._backend_factory = backend_factory
         self._tokenizer_json = tokenizer_json
+        self._log_dir = log_dir
+        self._identity = run_identity(self.config)
         self._engine: Any = None
         self._version: int | None = None  # of weights loaded after start (None: initial ones)
         self._weights_lock = asyncio.Lock()
@@ -215,16 +222,26 @@ class RolloutWorker:
         return list(await asyncio.gather(*episodes))
 
     async def _episode(self, group: Group, sample_index: int) -> Trajectory:
-        """One episode on its own sandbox, scored while the sandbox is live, then released."""
+        """One episode on its own sandbox, scored while the sandbox is live, then released.
+
+        With a log directory the episode's calls go through its command log; before a reward
+        that reads the sandbox scores it, the sandbox is brought to the state the replayed calls
+        imply (``restore``; not after a sandbox failure, which such rewards score 0 unread)."""
         from rollout.agent import run_episode
 
         loop = asyncio.get_running_loop()
         async with self._slots:
             sandbox = await loop.run_in_executor(None, self._pool.acquire)
+            log = None
             try:
+                if self._log_dir is not None:
+                    log = await loop.run_in_executor(
+                        None, open_log, self._log_dir, self._identity, group.group_id, sample_index
+                    )
+                tools = sandbox if log is None else log.attach(sandbox)
                 traj = await run_episode(
                     self._backend,
-                    sandbox,
+                    tools,
                     group.instance,
                     self._limits,
                     tokenizer=self._tokenizer,
@@ -238,10 +255,19 @@ class RolloutWorker:
                     sample_index=sample_index,
                     thinking_mode=self.config.sampling.thinking_mode,
                 )
+                if log is not None:
+                    if self._reward.needs_sandbox and traj.finish_reason != "sandbox_error":
+                        await loop.run_in_executor(None, tools.restore)
+                    stats = tools.stats
+                    traj.metadata["cmdlog"] = {
+                        k: stats[k] for k in ("replayed", "executed", "restored")
+                    }
                 await loop.run_in_executor(
                     None, self._reward.score, traj, group.instance.verifier, sandbox
                 )
             finally:
+                if log is not None:
+                    await loop.run_in_executor(None, log.close)
                 await loop.run_in_executor(None, self._pool.release, sandbox)
         return traj
 
@@ -315,6 +341,9 @@ class RolloutPool:
     dies: its groups go back to the front of the queue (at most ``workers.max_group_retries``
     times each), and the worker is restarted by Ray or replaced by a new actor. A group's
     trajectories come only from a completed call, so none is lost or returned twice.
+
+    ``log_dir`` goes to every worker: the run's command log directory (``rollout.cmdlogs``), so a
+    group re-run after a worker died replays the calls it made; None: no logs.
     """
 
     def __init__(
@@ -323,9 +352,10 @@ class RolloutPool:
         *,
         backend_factory: Callable[[Any], Any] | None = None,
         tokenizer_json: str | None = None,
+        log_dir: str | None = None,
     ) -> None:
         self.config = config
-        self._actor_args = (config.to_dict(), backend_factory, tokenizer_json)
+        self._actor_args = (config.to_dict(), backend_factory, tokenizer_json, log_dir)
         self.stats: Counter[str] = Counter()
         self.slots: list[_Slot] = []
         self._cond = threading.Condition()
@@ -358,8 +388,8 @@ class RolloutPool:
             max_task_retries=0,  # the pool re-queues: a group never runs twice at once
             max_concurrency=max(64, 4 * w.concurrency),
         )
-        config, backend_factory, tokenizer_json = self._actor_args
-        return cls.remote(config, index, backend_factory, tokenizer_json)
+        config, backend_factory, tokenizer_json, log_dir = self._actor_args
+        return cls.remote(config, index, backend_factory, tokenizer_json, log_dir)
 
     # -- the public side (any thread) -----------------------------------------------------------
 
@@ -748,7 +778,7 @@ def run_training(
             config,
             run_dir,
             sampler_factory=lambda tokenizer_json: RolloutPool(
-                config, tokenizer_json=tokenizer_json
+                config, tokenizer_json=tokenizer_json, log_dir=command_log_dir(config, run_dir)
             ),
             learner=learner,
             resume=resume,

@@ -142,6 +142,53 @@ def test_a_changed_timeout_replays_only_when_the_recorded_run_would_finish(tmp_p
         assert rs.stats["diverged_at"] == 1
 
 
+SPAWNED = "cat msg.txt; echo spawned >> msg.txt"
+
+
+def test_a_spawn_ends_replay_on_the_restored_state(tmp_path):
+    path = tmp_path / "spawn.log"
+    with open_log(path) as log, dsec.Sandbox(**LIMITS) as sb:
+        rs = log.attach(sb)
+        rs.write_file("msg.txt", "hello\n")
+        first = rs.exec(RANDOM)
+        proc = rs.spawn(SPAWNED)
+        assert proc.wait(timeout=15) == 0 and proc.read_stdout() == b"hello\n"
+        assert rs.exec("cat msg.txt").stdout == b"hello\nspawned\n"
+        records = log.records()
+        assert [r["op"] for r in records] == ["write_file", "exec", "spawn", "exec"]
+        assert records[2]["result"] == proc.id
+    with open_log(path) as log, dsec.Sandbox(**LIMITS) as sb:
+        rs = log.attach(sb)
+        rs.write_file("msg.txt", "hello\n")
+        assert rs.exec(RANDOM).stdout == first.stdout  # replayed: nothing ran yet
+        assert sb.exec("test -e msg.txt").exit_code == 1
+        # the spawn matches its record, yet runs for real, on the restored workspace
+        proc = rs.spawn(SPAWNED)
+        assert isinstance(proc, dsec.Process)
+        assert proc.wait(timeout=15) == 0 and proc.read_stdout() == b"hello\n"
+        assert rs.stats == {
+            "replayed": 2,
+            "executed": 1,
+            "restored": 2,
+            "restore_mismatches": 1,  # the random value differs on the re-run
+            "diverged_at": 2,
+        }
+        # recorded at step 3, but after a spawn every call runs for real
+        again = rs.exec("cat msg.txt")
+        assert isinstance(again, dsec.ExecResult) and again.stdout == b"hello\nspawned\n"
+        assert rs.stats["executed"] == 2 and not rs.replaying
+    with open_log(path) as log, dsec.Sandbox(**LIMITS) as sb:
+        assert [r["op"] for r in log.records()] == ["write_file", "exec", "spawn", "exec"]
+        rs = log.attach(sb)
+        rs.write_file("msg.txt", "hello\n")
+        rs.exec(RANDOM)
+        other = rs.spawn(["cat", "msg.txt"])  # another command at the spawn's step
+        assert other.wait(timeout=15) == 0 and other.read_stdout() == b"hello\n"
+        assert rs.stats["diverged_at"] == 2 and rs.stats["restored"] == 2
+    with open_log(path) as log:
+        assert [r["op"] for r in log.records()] == ["write_file", "exec", "spawn"]
+
+
 def frame_ends(data: bytes) -> list[int]:
     """Where each frame of a log file ends (the header's first)."""
     ends, pos = [], len(dsec.cmdlog.MAGIC)

@@ -156,6 +156,7 @@ BAD_FILES = [
     ),
     ("[sampling]\nmax_new_tokens = 2048\n", r"sampling\.max_new_tokens \(2048\) must be <"),
     ("[sandbox]\nmemory_mb = 1\n", r"sandbox\.memory_mb must be >= 16, got 1"),
+    ("[sandbox]\ncommand_log = 'yes'\n", r"sandbox\.command_log must be a boolean, got 'yes'"),
     ("[workers]\nnum_workers = 0\n", r"workers\.num_workers must be >= 1, got 0"),
     ("[workers]\nnum_gpus = -1\n", r"workers\.num_gpus must be >= 0"),
     ("[workers]\nconcurrency = 'many'\n", r"workers\.concurrency must be an integer"),
@@ -195,6 +196,7 @@ BAD_OVERRIDES = [
     ("task.group_size=two", r"--set: task\.group_size must be an integer, got 'two'"),
     ("sampling.top_p=2", r"--set: sampling\.top_p must be <= 1, got 2\.0"),
     ("task.options.add=yes", r"arith_tool: add must be a bool, got 'yes'"),
+    ("sandbox.command_log=1", r"--set: sandbox\.command_log must be a boolean, got 1"),
 ]
 
 
