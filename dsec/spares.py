@@ -28,6 +28,7 @@ _pools: dict[str, _Spares] = {}  # insertion order = least recently used first
 _owner = os.getpid()
 AUTO_SETS = 4  # limit sets with automatic spares
 _auto: int | None = None  # spares per automatic set; None: from DSEC_AUTO_SPARES (default 1)
+_exiting = False  # set at interpreter exit: no spare starts any more
 
 
 def _key(kwargs: dict[str, Any]) -> str:
@@ -67,10 +68,14 @@ class _Spares:
         self.stopped = False
 
     def fill(self) -> None:
-        """Starts background creations until `count` are ready or starting (lock held)."""
-        while not self.stopped and len(self.ready) + self.starting < self.count:
+        """Starts background creations until `count` are ready or starting (lock held).
+
+        Not daemon threads: interpreter exit waits for a creation in flight (bounded by the
+        start-up timeout) before the exit handler closes the spares, instead of freezing a
+        thread in the middle of starting a sandbox."""
+        while not (self.stopped or _exiting) and len(self.ready) + self.starting < self.count:
             self.starting += 1
-            threading.Thread(target=self._make, daemon=True, name="dsec-spare").start()
+            threading.Thread(target=self._make, name="dsec-spare").start()
 
     def stop(self) -> list[Any]:
         """Stops replacing; returns the ready spares for the caller to close (lock held)."""
@@ -165,7 +170,7 @@ def created(kwargs: dict[str, Any]) -> None:
     """After a sandbox was created without a spare: keep automatic spares for its limit set
     (and stop those of the least recently used set beyond :data:`AUTO_SETS`)."""
     count = _auto_count()
-    if count == 0 or os.getpid() != _owner:
+    if count == 0 or _exiting or os.getpid() != _owner:
         return
     stale = []
     with _lock:
@@ -202,4 +207,20 @@ def stop_spares(**sandbox_kwargs: Any) -> None:
     _close(ready)
 
 
-atexit.register(stop_spares)
+def _forked() -> None:
+    """In a forked child: the parent's spares (and its lock, which another parent thread may
+    have held at the fork) stay the parent's; the child starts with none of its own."""
+    global _lock, _pools, _owner
+    _lock, _pools, _owner = threading.Lock(), {}, os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def _at_exit() -> None:
+    global _exiting
+    _exiting = True
+    stop_spares()
+
+
+atexit.register(_at_exit)

@@ -5,7 +5,9 @@ closing a sandbox waits until every sandbox process is gone and its cgroups are 
 from __future__ import annotations
 
 import os
+import select
 import signal
+import threading
 
 from sandbox_helpers import LIMITS, _ppid, proc_state, wait_for
 
@@ -73,3 +75,44 @@ def test_a_forked_host_process_starts_its_own_launcher():
         with dsec.Sandbox(**LIMITS) as again:
             assert launcher_of(again)[1] == parent_launcher
             assert sb.exec(["true"]).exit_code == 0
+
+
+def fork_and_create() -> bytes:
+    """A forked child creates a sandbox and runs a command in it; its answer, or b"" when it
+    gave none within 30 s (it is killed then)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        try:
+            os.close(r)
+            with dsec.Sandbox(**LIMITS) as sb:
+                os.write(w, sb.exec(["echo", "child"]).stdout)
+        finally:
+            os._exit(0)
+    os.close(w)
+    ready, _, _ = select.select([r], [], [], 30)
+    got = os.read(r, 100) if ready else b""
+    os.close(r)
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return got
+
+
+def test_a_fork_while_other_threads_start_sandboxes_works_in_the_child():
+    # Another thread keeps starting sandboxes (as warm spares do): a fork may copy its locks
+    # held, and the child, which has no such thread, must neither wait for them nor use them.
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            dsec.Sandbox(spare=False, **LIMITS).close()
+
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        answers = [fork_and_create() for _ in range(12)]
+    finally:
+        stop.set()
+        t.join()
+    assert answers == [b"child\n"] * 12

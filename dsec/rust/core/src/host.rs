@@ -9,7 +9,7 @@ use crate::{Error, Result};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -58,13 +58,44 @@ fn memfd_path(bytes: &'static [u8]) -> Result<String> {
 /// The launcher of this host process (see `init::launcher`): started once per image, forks
 /// one outer init per sandbox.
 struct Launcher {
-    owner: u32,
     prog: String,
     sock: UnixStream,
     child: std::process::Child,
 }
 
-static LAUNCHER: Mutex<Option<Launcher>> = Mutex::new(None);
+/// The launcher of one process. A forked child must not lock its parent's mutex (another thread
+/// of the parent, e.g. one starting a warm spare, may have held it at the fork, and that thread
+/// does not exist in the child), so each process makes its own slot on first use; the parent's,
+/// copied into the child, is left alone (its socket belongs to the parent's launcher).
+struct Slot {
+    owner: u32,
+    launcher: Mutex<Option<Launcher>>,
+}
+
+static SLOT: AtomicPtr<Slot> = AtomicPtr::new(std::ptr::null_mut());
+
+fn slot() -> &'static Slot {
+    let me = std::process::id();
+    loop {
+        let cur = SLOT.load(Ordering::Acquire);
+        // SAFETY: a non-null SLOT points to a leaked Box, never freed.
+        if let Some(s) = unsafe { cur.as_ref() } {
+            if s.owner == me {
+                return s;
+            }
+        }
+        let new = Box::into_raw(Box::new(Slot {
+            owner: me,
+            launcher: Mutex::new(None),
+        }));
+        match SLOT.compare_exchange(cur, new, Ordering::AcqRel, Ordering::Acquire) {
+            // SAFETY: `new` is ours and now published for good.
+            Ok(_) => return unsafe { &*new },
+            // SAFETY: `new` was never published; another thread made this process's slot.
+            Err(_) => drop(unsafe { Box::from_raw(new) }),
+        }
+    }
+}
 
 fn start_launcher(prog: &str, env: &[(String, String)]) -> Result<Launcher> {
     let (sock, theirs) =
@@ -81,7 +112,6 @@ fn start_launcher(prog: &str, env: &[(String, String)]) -> Result<Launcher> {
         .map_err(|e| Error::Setup(format!("spawn init: {e}")))?;
     let _ = sock.set_read_timeout(Some(Duration::from_secs(30)));
     Ok(Launcher {
-        owner: std::process::id(),
         prog: prog.to_string(),
         sock,
         child,
@@ -90,18 +120,15 @@ fn start_launcher(prog: &str, env: &[(String, String)]) -> Result<Launcher> {
 
 /// Starts an outer init: returns the host end of its control socket and a pidfd of it.
 fn launch(prog: &str, env: &[(String, String)], cfg: &[u8]) -> Result<(UnixStream, OwnedFd)> {
-    let mut g = LAUNCHER.lock().unwrap_or_else(|p| p.into_inner());
+    let mut g = slot().launcher.lock().unwrap_or_else(|p| p.into_inner());
     for _ in 0..2 {
-        let me = std::process::id();
         match g.take() {
-            Some(l) if l.owner == me && l.prog == prog => *g = Some(l),
-            Some(mut l) if l.owner == me => {
+            Some(l) if l.prog == prog => *g = Some(l),
+            Some(mut l) => {
                 drop(l.sock);
                 let _ = l.child.wait();
             }
-            // A launcher inherited through fork belongs to the parent: leave its socket alone.
-            Some(l) if l.owner != me => std::mem::forget(l),
-            _ => {}
+            None => {}
         }
         if g.is_none() {
             *g = Some(start_launcher(prog, env)?);
@@ -473,8 +500,11 @@ impl Sandbox {
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
         if std::process::id() != self.owner {
-            // A forked copy: drop our descriptors only; the owner's sandbox lives on.
-            self.lock().sock = None;
+            // A forked copy: drop our descriptors only; the owner's sandbox lives on. The lock
+            // may be held for good (a parent thread's call at the fork): then keep them.
+            if let Ok(mut g) = self.inner.try_lock() {
+                g.sock = None;
+            }
             return;
         }
         let mut g = match self.inner.try_lock() {
@@ -519,12 +549,13 @@ impl Sandbox {
         accounting: bool,
         interrupt: Interrupt<'_>,
     ) -> Result<(Vec<u8>, CallStats)> {
-        let mut g = self.lock();
+        // Before the lock: in a forked child it may be held for good (by a parent thread).
         if std::process::id() != self.owner {
             return Err(Error::Sandbox(
                 "this sandbox belongs to the process that created it (used after fork)".into(),
             ));
         }
+        let mut g = self.lock();
         let Some(sock) = g.sock.as_mut() else {
             return Err(Error::Closed);
         };
@@ -832,12 +863,13 @@ impl Sandbox {
     /// Runs one file-API exchange on the control socket (under the call mutex). An I/O
     /// failure means the init is gone: the sandbox is torn down and closed.
     fn exchange<T>(&self, f: impl FnOnce(&mut UnixStream) -> std::io::Result<T>) -> Result<T> {
-        let mut g = self.lock();
+        // Before the lock: in a forked child it may be held for good (by a parent thread).
         if std::process::id() != self.owner {
             return Err(Error::Sandbox(
                 "this sandbox belongs to the process that created it (used after fork)".into(),
             ));
         }
+        let mut g = self.lock();
         let Some(sock) = g.sock.as_mut() else {
             return Err(Error::Closed);
         };
@@ -932,12 +964,12 @@ impl Sandbox {
     /// [`crate::snapshot`]). No call runs meanwhile (the call mutex is held); background
     /// processes keep running, so what they write during the copy may or may not be in it.
     pub fn export_workspace(&self, dest: &std::path::Path) -> Result<crate::snapshot::Exported> {
-        let g = self.lock();
         if std::process::id() != self.owner {
             return Err(Error::Sandbox(
                 "this sandbox belongs to the process that created it (used after fork)".into(),
             ));
         }
+        let g = self.lock();
         if g.sock.is_none() || self.is_closed() {
             return Err(Error::Closed);
         }
