@@ -137,6 +137,13 @@ def wait_for(predicate: Callable[[], Any], what: str, deadline: float = POLL_DEA
         time.sleep(0.02)
 
 
+def workload(init: int) -> list[int]:
+    """Descendants of a sandbox's init that run a program: not the init's own forks (the
+    waiting reaper of the next exec call and its child), which share its command line."""
+    own = cmdline(init)
+    return [p for p in descendants(init) if cmdline(p) != own]
+
+
 def find_by_marker(root: int, marker: str) -> list[int]:
     return [p for p in descendants(root) if marker in cmdline(p)]
 

@@ -8,18 +8,9 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from sandbox_helpers import find_by_marker
+
 import dsec
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out += [int(x) for x in f.read().split()]
-        except FileNotFoundError:
-            pass
-    return out
 
 
 def test_many_threads_on_one_sandbox_get_their_own_results():
@@ -48,11 +39,11 @@ def test_parallel_sandboxes_in_threads():
 def test_gil_is_released_while_a_call_blocks():
     with dsec.Sandbox() as sb:
         done = threading.Event()
-        t = threading.Thread(target=lambda: (sb.exec("sleep 30", timeout=2.0), done.set()))
+        t = threading.Thread(target=lambda: (sb.exec("sleep 30.125", timeout=2.0), done.set()))
         t.start()
-        # This loop runs Python while the exec is in flight: the reaper of the call shows up
-        # under the sandbox's init. Were the GIL held, we could not run until the call ended.
-        while not _children(sb.pid) and not done.is_set():
+        # This loop runs Python while the exec is in flight: the command shows up among the
+        # sandbox init's descendants. Were the GIL held, we could not run until the call ended.
+        while not find_by_marker(sb.pid, "30.125") and not done.is_set():
             pass
         assert not done.is_set(), "the exec finished before the main thread could run"
         t.join()
@@ -107,13 +98,13 @@ def test_close_from_another_thread_kills_the_call_in_flight():
 
     def run() -> None:
         try:
-            box.append(sb.exec("sleep 30; echo done"))
+            box.append(sb.exec("sleep 30.25; echo done"))
         except dsec.SandboxClosedError as e:
             box.append(e)
 
     t = threading.Thread(target=run)
     t.start()
-    while not _children(sb.pid):
+    while not find_by_marker(sb.pid, "30.25"):
         pass
     sb.close()
     t.join()

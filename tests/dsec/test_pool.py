@@ -35,6 +35,19 @@ msg = libc.msgget(0x1236, 0o1666)
 print(shm >= 0 and sem >= 0 and msg >= 0)
 """
 
+# A POSIX message queue, where the sandbox may create one (Landlock hosts refuse it: EACCES).
+MQUEUE = r"""
+import ctypes, os
+rt = ctypes.CDLL("librt.so.1", use_errno=True)
+print(rt.mq_open(b"/leak", 0o102, 0o600, None) >= 0 or os.strerror(ctypes.get_errno()))
+"""
+
+MQUEUE_GONE = r"""
+import ctypes, os
+rt = ctypes.CDLL("librt.so.1", use_errno=True)
+print(rt.mq_open(b"/leak", 0, 0, None) < 0 and os.strerror(ctypes.get_errno()))
+"""
+
 CLEAN = (
     "ls -A /workspace /tmp /dev/shm; stat -c '%a' /workspace /tmp /dev/shm;"
     " tail -n +2 /proc/sysvipc/shm /proc/sysvipc/sem /proc/sysvipc/msg | grep -v '^==' | grep ."
@@ -49,6 +62,8 @@ def test_reset_leaves_no_file_process_ipc_or_handle_behind():
         init = first.pid
         assert first.exec(DIRTY).ok
         assert first.exec(["python3", "-c", SYSV]).stdout == b"True\n"
+        made_mq = first.exec(["python3", "-c", MQUEUE]).stdout
+        assert made_mq in (b"True\n", b"Permission denied\n"), made_mq
         assert first.run_python("print(1)").stdout == b"1\n"  # a warm interpreter
         bg = first.spawn(["sleep", "4242.5"])
         marker = wait_for(lambda: find_by_marker(init, "4242.5"), "the background sleep")
@@ -64,6 +79,8 @@ def test_reset_leaves_no_file_process_ipc_or_handle_behind():
         assert gone_or_zombie(marker)
         r = second.exec(["/bin/sh", "-c", CLEAN])
         assert r.stdout == (b"/dev/shm:\n\n/tmp:\n\n/workspace:\n755\n1777\n1777\nLEAK=\n"), r
+        gone = second.exec(["python3", "-c", MQUEUE_GONE]).stdout
+        assert gone == (b"No such file or directory\n" if made_mq == b"True\n" else made_mq)
         assert second.run_python("print(2)").stdout == b"2\n"
         pool.release(second)
         m = pool.metrics()

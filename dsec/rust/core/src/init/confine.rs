@@ -95,7 +95,7 @@ impl Confinement {
 }
 
 /// Applies the confinement to the calling (single-threaded, freshly forked) process.
-pub fn enter(c: &Confinement, cpu_seconds: Option<u64>) -> Result<(), String> {
+pub fn enter(c: &Confinement) -> Result<(), String> {
     // SAFETY: resetting signal dispositions and the mask in a single-threaded child.
     unsafe {
         for &sig in &c.reset_signals {
@@ -123,9 +123,6 @@ pub fn enter(c: &Confinement, cpu_seconds: Option<u64>) -> Result<(), String> {
     // the user-namespace chain: bound what one sandbox may hold.
     lower_rlimit(libc::RLIMIT_SIGPENDING, SIGPENDING, "SIGPENDING")?;
     lower_rlimit(libc::RLIMIT_MSGQUEUE, MSGQUEUE, "MSGQUEUE")?;
-    if let Some(s) = cpu_seconds {
-        rlimit(libc::RLIMIT_CPU, s, s + 1, "CPU")?;
-    }
     prctl(libc::PR_SET_SECUREBITS, SECBITS, "SET_SECUREBITS")?;
     for &cap in &c.bound_caps {
         prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, "CAPBSET_DROP")?;

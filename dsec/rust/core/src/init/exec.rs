@@ -1,15 +1,21 @@
-//! One exec call: the init clones a reaper into a fresh pid namespace (pid 1 there); the reaper
-//! forks the command, which confines itself and execs. When the command exits, the reaper
-//! reports its status and exits, and the kernel kills every process left in that namespace
-//! (background jobs, setsid/double-fork daemons, nohup). On timeout the init SIGKILLs the
-//! reaper with the same effect. The reaper is pid 1 of its namespace, so the command cannot
-//! signal it; the init lives in the parent namespace, out of reach.
+//! One exec call: a reaper, pid 1 of a fresh pid namespace, forks the command, which confines
+//! itself and execs. When the command exits, the reaper reports its status and exits, and the
+//! kernel kills every process left in that namespace (background jobs, setsid/double-fork
+//! daemons, nohup). On timeout the init SIGKILLs the reaper with the same effect. The reaper is
+//! pid 1 of its namespace, so the command cannot signal it; the init lives in the parent
+//! namespace, out of reach.
+//!
+//! Exec calls run on a reaper started ahead of them (`super::warm`); background processes
+//! (`spawn`) on one started with the command ([`start_reaper`]).
 
 use super::confine::{enter, Confinement};
-use super::pump::{pump, HostGone, Pumped};
-use crate::sys::{clone_fork, close, cvt, pidfd_open, pipe, write_all_fd};
+use super::pump::Pumped;
+use crate::sys::{clone_fork, close, pipe, write_all_fd};
+use crate::wire::{self, Dec, Enc};
 use std::ffi::CString;
-use std::os::fd::RawFd;
+use std::fs::File;
+use std::mem::ManuallyDrop;
+use std::os::fd::{FromRawFd, RawFd};
 
 /// A decoded exec request.
 pub struct Job {
@@ -28,6 +34,58 @@ pub struct Outcome {
     pub status: Option<i32>,
     pub pumped: Pumped,
     pub cpu: f64,
+}
+
+/// What the command's own process needs of a job: sent to a warm reaper's child.
+pub(super) struct Command {
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+    cwd: CString,
+    cpu_seconds: Option<u64>,
+    stdin: bool,
+}
+
+impl Command {
+    pub(super) fn of(job: &Job) -> Self {
+        Command {
+            argv: job.argv.clone(),
+            envp: job.envp.clone(),
+            cwd: job.cwd.clone(),
+            cpu_seconds: job.cpu_seconds,
+            stdin: job.stdin.is_some(),
+        }
+    }
+
+    pub(super) fn encode(&self) -> Vec<u8> {
+        let bytes = |v: &[CString]| v.iter().map(|c| c.as_bytes().to_vec()).collect::<Vec<_>>();
+        let mut e = Enc::new(0);
+        e.list(&bytes(&self.argv)).list(&bytes(&self.envp));
+        e.bytes(self.cwd.as_bytes());
+        e.u64(self.cpu_seconds.unwrap_or(0)).u8(self.stdin as u8);
+        e.0
+    }
+
+    fn decode(b: &[u8]) -> Option<Self> {
+        let mut d = Dec::new(b);
+        d.u8().ok()?;
+        let cs = |v: Vec<Vec<u8>>| {
+            v.into_iter()
+                .map(CString::new)
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let argv = cs(d.list().ok()?).ok()?;
+        let envp = cs(d.list().ok()?).ok()?;
+        let cwd = CString::new(d.bytes().ok()?).ok()?;
+        let cpu = d.u64().ok()?;
+        let stdin = d.u8().ok()? != 0;
+        (!argv.is_empty()).then_some(Command {
+            argv,
+            envp,
+            cwd,
+            cpu_seconds: (cpu > 0).then_some(cpu),
+            stdin,
+        })
+    }
 }
 
 fn ptrs(v: &[CString]) -> Vec<*const libc::c_char> {
@@ -65,26 +123,44 @@ fn report_setup_error(sw: RawFd, msg: &str) {
     let _ = write_all_fd(sw, &b);
 }
 
-/// Parses the status pipe contents: an optional setup error, then b'S' + i32 status.
-fn parse_status(b: &[u8]) -> (Option<String>, Option<i32>) {
-    let mut err = None;
+/// What the status pipe carried.
+#[derive(Debug, PartialEq)]
+pub(super) struct Report {
+    /// The child's setup error (b'E', u32 length, message).
+    pub error: Option<String>,
+    /// A warm child took its command (b'G').
+    pub started: bool,
+    /// The command's wait status (b'S', i32), absent when the reaper was killed first.
+    pub status: Option<i32>,
+}
+
+pub(super) fn parse_status(b: &[u8]) -> Report {
+    let mut error = None;
     let mut rest = b;
     if rest.first() == Some(&b'E') && rest.len() >= 5 {
         let n = u32::from_le_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
         let end = (5 + n).min(rest.len());
-        err = Some(String::from_utf8_lossy(&rest[5..end]).into_owned());
+        error = Some(String::from_utf8_lossy(&rest[5..end]).into_owned());
         rest = &rest[end..];
     }
-    let st = (rest.first() == Some(&b'S') && rest.len() >= 5)
+    let started = rest.first() == Some(&b'G');
+    if started {
+        rest = &rest[1..];
+    }
+    let status = (rest.first() == Some(&b'S') && rest.len() >= 5)
         .then(|| i32::from_le_bytes([rest[1], rest[2], rest[3], rest[4]]));
-    (err, st)
+    Report {
+        error,
+        started,
+        status,
+    }
 }
 
-fn read_all(fd: RawFd) -> Vec<u8> {
+pub(super) fn read_all(fd: RawFd) -> Vec<u8> {
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
-        // SAFETY: buf is valid.
+        // SAFETY: buf is a valid buffer.
         let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
         if n <= 0 {
             break;
@@ -94,8 +170,27 @@ fn read_all(fd: RawFd) -> Vec<u8> {
     out
 }
 
-/// In the confined child: wire stdio, confine, exec. Never returns.
-fn child_exec(job: &Job, conf: &Confinement, fds: [RawFd; 3], sw: RawFd) -> ! {
+/// Closes every descriptor above 2 except `keep` (in a freshly forked, single-threaded
+/// process), so a reaper holds nothing of the init's: the control socket, the pipes of other
+/// calls and of background processes.
+pub(super) fn close_all_but(keep: &[RawFd]) {
+    let mut keep: Vec<u32> = keep.iter().filter(|&&f| f > 2).map(|&f| f as u32).collect();
+    keep.sort_unstable();
+    keep.dedup();
+    let mut from = 3u32;
+    for fd in keep {
+        if fd > from {
+            // SAFETY: closing descriptors of this process.
+            unsafe { libc::syscall(libc::SYS_close_range, from, fd - 1, 0u32) };
+        }
+        from = fd + 1;
+    }
+    // SAFETY: as above.
+    unsafe { libc::syscall(libc::SYS_close_range, from, u32::MAX, 0u32) };
+}
+
+/// In the confined child: wire stdio, set the CPU limit, enter `cwd`, exec. Never returns.
+fn exec_command(cmd: &Command, fds: [RawFd; 3], sw: RawFd) -> ! {
     // SAFETY: dup2 / close_range in a single-threaded child.
     unsafe {
         libc::dup2(fds[0], 0);
@@ -104,23 +199,31 @@ fn child_exec(job: &Job, conf: &Confinement, fds: [RawFd; 3], sw: RawFd) -> ! {
         libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 4u32); // CLOSE_RANGE_CLOEXEC
         let _ = libc::fcntl(sw, libc::F_SETFD, libc::FD_CLOEXEC);
     }
-    if let Err(m) = enter(conf, job.cpu_seconds) {
-        report_setup_error(sw, &m);
-        // SAFETY: terminating the child.
-        unsafe { libc::_exit(126) };
+    if let Some(s) = cmd.cpu_seconds {
+        let r = libc::rlimit {
+            rlim_cur: s,
+            rlim_max: s + 1,
+        };
+        // SAFETY: r is a valid rlimit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_CPU, &r) } != 0 {
+            let e = std::io::Error::last_os_error();
+            report_setup_error(sw, &format!("setrlimit CPU: {e}"));
+            // SAFETY: terminating the child.
+            unsafe { libc::_exit(126) };
+        }
     }
     // SAFETY: cwd is a valid C string.
-    if unsafe { libc::chdir(job.cwd.as_ptr()) } != 0 {
+    if unsafe { libc::chdir(cmd.cwd.as_ptr()) } != 0 {
         let e = std::io::Error::last_os_error();
-        let msg = format!("dsec: cannot enter {}: {e}\n", job.cwd.to_string_lossy());
+        let msg = format!("dsec: cannot enter {}: {e}\n", cmd.cwd.to_string_lossy());
         let _ = write_all_fd(2, msg.as_bytes());
         // SAFETY: terminating the child.
         unsafe { libc::_exit(126) };
     }
-    let argv = ptrs(&job.argv);
-    let envp = ptrs(&job.envp);
+    let argv = ptrs(&cmd.argv);
+    let envp = ptrs(&cmd.envp);
     let mut last = libc::ENOENT;
-    for c in candidates(job.argv[0].as_bytes(), &job.envp) {
+    for c in candidates(cmd.argv[0].as_bytes(), &cmd.envp) {
         // SAFETY: valid null-terminated arrays of C strings.
         unsafe { libc::execve(c.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
         let e = std::io::Error::last_os_error()
@@ -132,7 +235,7 @@ fn child_exec(job: &Job, conf: &Confinement, fds: [RawFd; 3], sw: RawFd) -> ! {
     }
     let msg = format!(
         "dsec: {}: {}\n",
-        job.argv[0].to_string_lossy(),
+        cmd.argv[0].to_string_lossy(),
         std::io::Error::from_raw_os_error(last)
     );
     let _ = write_all_fd(2, msg.as_bytes());
@@ -140,18 +243,45 @@ fn child_exec(job: &Job, conf: &Confinement, fds: [RawFd; 3], sw: RawFd) -> ! {
     unsafe { libc::_exit(if last == libc::ENOENT { 127 } else { 126 }) }
 }
 
+fn confine_or_exit(conf: &Confinement, sw: RawFd) {
+    if let Err(m) = enter(conf) {
+        report_setup_error(sw, &m);
+        // SAFETY: terminating the child.
+        unsafe { libc::_exit(126) };
+    }
+}
+
 /// What the command's child needs, passed through `clone`'s argument pointer.
-struct ChildArgs<'a> {
-    job: &'a Job,
-    conf: &'a Confinement,
-    fds: [RawFd; 3],
-    sw: RawFd,
+pub(super) struct ChildArgs<'a> {
+    pub conf: &'a Confinement,
+    /// The command, or `None` for a warm child, which reads it from `job_r`.
+    pub cmd: Option<&'a Command>,
+    /// stdin (a pipe, or devnull when the command gets none), stdout, stderr.
+    pub fds: [RawFd; 3],
+    pub devnull: RawFd,
+    pub job_r: RawFd,
+    pub sw: RawFd,
 }
 
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` points to the ChildArgs of the suspended parent (CLONE_VFORK).
     let a = unsafe { &*(arg as *const ChildArgs) };
-    child_exec(a.job, a.conf, a.fds, a.sw)
+    confine_or_exit(a.conf, a.sw);
+    if let Some(cmd) = a.cmd {
+        exec_command(cmd, a.fds, a.sw);
+    }
+    let mut pipe = ManuallyDrop::new(unsafe { File::from_raw_fd(a.job_r) });
+    let Some(cmd) = wire::read_frame(&mut *pipe)
+        .ok()
+        .flatten()
+        .and_then(|b| Command::decode(&b))
+    else {
+        // SAFETY: the reaper was discarded before its call (or sent garbage): nothing ran.
+        unsafe { libc::_exit(0) }
+    };
+    let _ = write_all_fd(a.sw, b"G");
+    let stdin = if cmd.stdin { a.fds[0] } else { a.devnull };
+    exec_command(&cmd, [stdin, a.fds[1], a.fds[2]], a.sw)
 }
 
 /// Stack of the command's child until its execve: confinement and path search need little.
@@ -178,17 +308,48 @@ fn spawn_command(args: &ChildArgs<'_>) -> libc::pid_t {
     }
 }
 
-/// Clones the reaper of a call into a fresh pid namespace (pid 1 there); it starts the
-/// command with `fds` as its stdin, stdout and stderr and reports the command's wait status
-/// on the returned pipe, then exits. In the reaper, `drop` are closed first and its copies of
-/// `fds` once the command started (stdin only when it is not `devnull`). Returns the
-/// reaper's pid and the read end of the status pipe; the init keeps its own `fds`.
+/// The reaper: starts the command's child, closes its copies of the child's descriptors,
+/// reports the child's wait status on `sw` once it exits, and exits. Never returns.
+pub(super) fn reaper_main(args: &ChildArgs<'_>, own: &[RawFd]) -> ! {
+    let cmd = spawn_command(args);
+    for &fd in own {
+        close(fd);
+    }
+    if cmd < 0 {
+        report_setup_error(
+            args.sw,
+            &format!("fork: {}", std::io::Error::last_os_error()),
+        );
+        // SAFETY: terminating the reaper.
+        unsafe { libc::_exit(1) };
+    }
+    loop {
+        let mut st = 0;
+        // SAFETY: st is a valid int.
+        let p = unsafe { libc::waitpid(-1, &mut st, 0) };
+        if p == cmd {
+            let mut b = vec![b'S'];
+            b.extend_from_slice(&st.to_le_bytes());
+            let _ = write_all_fd(args.sw, &b);
+            // SAFETY: exiting pid 1 tears the namespace down.
+            unsafe { libc::_exit(0) };
+        }
+        if p < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            // SAFETY: terminating the reaper.
+            unsafe { libc::_exit(1) };
+        }
+    }
+}
+
+/// Clones the reaper of a background process into a fresh pid namespace (pid 1 there); it
+/// starts the command with `fds` as its stdin, stdout and stderr and reports the command's
+/// wait status on the returned pipe, then exits. Returns the reaper's pid and the read end of
+/// the status pipe; the init keeps its own `fds`.
 pub fn start_reaper(
     job: &Job,
     conf: &Confinement,
     fds: [RawFd; 3],
     devnull: RawFd,
-    drop: &[RawFd],
 ) -> Result<(libc::pid_t, RawFd), String> {
     let io = |e: std::io::Error| format!("exec setup: {e}");
     let (sr, sw) = pipe().map_err(io)?;
@@ -201,51 +362,30 @@ pub fn start_reaper(
         }
     };
     if reaper == 0 {
-        // Reaper: pid 1 of the call's pid namespace.
-        for &fd in drop.iter().chain([&sr]) {
-            close(fd);
-        }
-        let args = ChildArgs { job, conf, fds, sw };
-        let cmd = spawn_command(&args);
-        close(fds[1]);
-        close(fds[2]);
-        if fds[0] != devnull {
-            close(fds[0]);
-        }
-        if cmd < 0 {
-            report_setup_error(sw, &format!("fork: {}", std::io::Error::last_os_error()));
-            // SAFETY: terminating the reaper.
-            unsafe { libc::_exit(1) };
-        }
-        loop {
-            let mut st = 0;
-            // SAFETY: st is a valid int.
-            let p = unsafe { libc::waitpid(-1, &mut st, 0) };
-            if p == cmd {
-                let mut b = vec![b'S'];
-                b.extend_from_slice(&st.to_le_bytes());
-                let _ = write_all_fd(sw, &b);
-                // SAFETY: exiting pid 1 tears the namespace down.
-                unsafe { libc::_exit(0) };
-            }
-            if p < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-                // SAFETY: terminating the reaper.
-                unsafe { libc::_exit(1) };
-            }
-        }
+        close_all_but(&[fds[0], fds[1], fds[2], sw, devnull, conf.landlock_fd]);
+        let cmd = Command::of(job);
+        let args = ChildArgs {
+            conf,
+            cmd: Some(&cmd),
+            fds,
+            devnull,
+            job_r: -1,
+            sw,
+        };
+        let own: Vec<RawFd> = fds.into_iter().filter(|&f| f != devnull).collect();
+        reaper_main(&args, &own);
     }
     close(sw);
     Ok((reaper, sr))
 }
 
-/// Reads what the reaper reported once it exited: `Err` if the command could not be
-/// confined, else its wait status (`None`: killed before it reported).
+/// Reads what a background process's reaper reported once it exited: `Err` if the command
+/// could not be confined, else its wait status (`None`: killed before it reported).
 pub fn reaper_report(sr: RawFd) -> Result<Option<i32>, String> {
-    let report = read_all(sr);
-    let (err, status) = parse_status(&report);
-    match err {
+    let r = parse_status(&read_all(sr));
+    match r.error {
         Some(m) => Err(format!("cannot confine the command: {m}")),
-        None => Ok(status),
+        None => Ok(r.status),
     }
 }
 
@@ -253,74 +393,6 @@ pub fn reaper_report(sr: RawFd) -> Result<Option<i32>, String> {
 pub fn cpu_seconds(ru: &libc::rusage) -> f64 {
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
     tv(ru.ru_utime) + tv(ru.ru_stime)
-}
-
-/// Runs one exec call.
-pub fn run(job: &Job, conf: &Confinement, ctrl: RawFd, devnull: RawFd) -> Result<Outcome, String> {
-    let io = |e: std::io::Error| format!("exec setup: {e}");
-    let (out_r, out_w) = pipe().map_err(io)?;
-    let (err_r, err_w) = pipe().map_err(io)?;
-    let (in_r, in_w) = match job.stdin {
-        Some(_) => {
-            let (r, w) = pipe().map_err(io)?;
-            (r, w)
-        }
-        None => (devnull, -1),
-    };
-    let started = start_reaper(
-        job,
-        conf,
-        [in_r, out_w, err_w],
-        devnull,
-        &[out_r, err_r, in_w, ctrl],
-    );
-    for fd in [out_w, err_w] {
-        close(fd);
-    }
-    if in_r != devnull {
-        close(in_r);
-    }
-    let (reaper, sr) = match started {
-        Ok(r) => r,
-        Err(m) => {
-            for fd in [out_r, err_r, in_w] {
-                close(fd);
-            }
-            return Err(m);
-        }
-    };
-    let pidfd = pidfd_open(reaper).map_err(io)?;
-    let mut kill = || {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(reaper, libc::SIGKILL) };
-    };
-    let stdin = job.stdin.as_deref().map(|d| (in_w, d));
-    let pumped = pump(
-        ctrl,
-        out_r,
-        err_r,
-        stdin,
-        &[pidfd],
-        job.timeout,
-        job.max_output,
-        &mut kill,
-    );
-    if pumped.is_err() {
-        kill();
-    }
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    let mut st = 0;
-    // SAFETY: waiting for our own child with valid out-pointers.
-    let _ = cvt(unsafe { libc::wait4(reaper, &mut st, 0, &mut ru) });
-    close(pidfd);
-    let report = reaper_report(sr);
-    close(sr);
-    let pumped = pumped.map_err(|HostGone| "host closed the control socket".to_string())?;
-    Ok(Outcome {
-        status: report?,
-        pumped,
-        cpu: cpu_seconds(&ru),
-    })
 }
 
 #[cfg(test)]
@@ -331,11 +403,20 @@ mod tests {
     fn status_report_parsing() {
         let mut b = vec![b'S'];
         b.extend_from_slice(&(3i32 << 8).to_le_bytes());
-        assert_eq!(parse_status(&b), (None, Some(3 << 8)));
+        let r = |error: Option<&str>, started, status| Report {
+            error: error.map(String::from),
+            started,
+            status,
+        };
+        assert_eq!(parse_status(&b), r(None, false, Some(3 << 8)));
         let mut e = vec![b'E', 2, 0, 0, 0, b'n', b'o'];
         e.extend_from_slice(&b);
-        assert_eq!(parse_status(&e), (Some("no".into()), Some(3 << 8)));
-        assert_eq!(parse_status(&[]), (None, None));
+        assert_eq!(parse_status(&e), r(Some("no"), false, Some(3 << 8)));
+        let mut g = vec![b'G'];
+        g.extend_from_slice(&b);
+        assert_eq!(parse_status(&g), r(None, true, Some(3 << 8)));
+        assert_eq!(parse_status(b"G"), r(None, true, None));
+        assert_eq!(parse_status(&[]), r(None, false, None));
     }
 
     #[test]

@@ -3,10 +3,11 @@
 //! serves the host's requests one at a time until the control socket closes.
 
 use super::confine::Confinement;
-use super::exec::{self, Job, Outcome};
+use super::exec::{Job, Outcome};
 use super::files;
 use super::procs::Procs;
 use super::pyserver::PyServer;
+use super::warm::{self, Warm};
 use crate::mounts::{self, PlanInput, ETC_BINDS, IMAGE_DIRS};
 use crate::policy::Policy;
 use crate::sys::{close, cstr, cvt};
@@ -23,6 +24,10 @@ struct State {
     envp: Vec<CString>,
     py: Option<PyServer>,
     procs: Procs,
+    /// The next exec call's reaper, started ahead (see `super::warm`).
+    warm: Option<Warm>,
+    /// The ipc namespace's mqueue filesystem (see `reset::mqueue_fd`), or -1.
+    mq_fd: RawFd,
 }
 
 #[repr(C)]
@@ -205,6 +210,7 @@ fn setup(p: &Policy, lower: RawFd) -> Result<State, String> {
         crate::snapshot::mount_overlay(lower, &format!("{root}/workspace"))?;
     }
     mounts::pivot(root).map_err(|e| format!("pivot_root: {e}"))?;
+    let mq_fd = super::reset::mqueue_fd();
     if !p.network {
         loopback_up()?;
     }
@@ -264,6 +270,8 @@ fn setup(p: &Policy, lower: RawFd) -> Result<State, String> {
         envp,
         py: None,
         procs: Procs::default(),
+        warm: None,
+        mq_fd,
     })
 }
 
@@ -316,12 +324,12 @@ fn handle(st: &mut State, ctrl: RawFd, body: &[u8]) -> Result<Vec<u8>, (u8, Stri
                 cpu_seconds: (cpu > 0).then_some(cpu),
             };
             if background {
-                let id = st.procs.spawn(&job, &st.conf, ctrl, st.devnull)?;
+                let id = st.procs.spawn(&job, &st.conf, st.devnull)?;
                 let mut e = Enc::new(tag::OK);
                 e.u32(id);
                 return Ok(e.0);
             }
-            exec::run(&job, &st.conf, ctrl, st.devnull)
+            warm::run(&job, &st.conf, ctrl, st.devnull, &mut st.warm)
                 .map(encode_outcome)
                 .map_err(|m| (errkind::SANDBOX, m))
         }
@@ -376,11 +384,15 @@ fn handle(st: &mut State, ctrl: RawFd, body: &[u8]) -> Result<Vec<u8>, (u8, Stri
             r.map(|_| Enc::new(tag::OK).0)
         }
         tag::RESET => {
+            if let Some(w) = st.warm.take() {
+                w.discard();
+            }
             st.procs.kill_all();
             if let Some(py) = st.py.take() {
                 py.stop();
             }
             super::reset::remove_ipc();
+            super::reset::remove_mqueues(st.mq_fd);
             super::reset::wipe().map_err(|m| (errkind::SANDBOX, m))?;
             Ok(Enc::new(tag::OK).0)
         }
@@ -455,7 +467,15 @@ pub fn run(p: &Policy, sync_r: RawFd, lower: RawFd) -> i32 {
     if wire::write_frame(&mut *sock, &ready.0).is_err() {
         return 1;
     }
-    while let Ok(Some(body)) = wire::read_frame(&mut *sock) {
+    loop {
+        // After each answer, while the host reads it: the next exec's reaper (best effort; a
+        // call without one starts its own).
+        if st.warm.is_none() {
+            st.warm = Warm::start(&st.conf, st.devnull).ok();
+        }
+        let Ok(Some(body)) = wire::read_frame(&mut *sock) else {
+            break;
+        };
         if body.first() == Some(&tag::CANCEL) {
             continue; // arrived after its call finished
         }

@@ -16,6 +16,7 @@ pub mod procs;
 pub mod pump;
 pub mod pyserver;
 pub mod reset;
+pub mod warm;
 
 /// Entry point of the init binary; fd 0 is the launcher socket (see `launcher`), which forks
 /// one outer init per sandbox.

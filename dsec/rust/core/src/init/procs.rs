@@ -148,7 +148,6 @@ impl Procs {
         &mut self,
         job: &Job,
         conf: &Confinement,
-        ctrl: RawFd,
         devnull: RawFd,
     ) -> Result<u32, (u8, String)> {
         self.reap();
@@ -175,12 +174,7 @@ impl Procs {
                 return Err(sandbox(m));
             }
         };
-        let mut drop: Vec<RawFd> = vec![ctrl];
-        for p in &self.procs {
-            drop.extend([p.sr, p.out[0], p.out[1]]);
-        }
-        let (reaper, sr) = match exec::start_reaper(job, conf, [devnull, out, err], devnull, &drop)
-        {
+        let (reaper, sr) = match exec::start_reaper(job, conf, [devnull, out, err], devnull) {
             Ok(r) => r,
             Err(m) => {
                 close(out);

@@ -55,7 +55,7 @@ impl PyServer {
                 libc::dup2(devnull, 2);
                 libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 4u32);
             }
-            if let Err(m) = enter(conf, None) {
+            if let Err(m) = enter(conf) {
                 let _ = write_all_fd(sw, m.as_bytes());
                 // SAFETY: terminating the child.
                 unsafe { libc::_exit(126) };

@@ -1,6 +1,6 @@
 //! Resetting a sandbox for its next user (`SandboxPool`): the init kills every background
 //! process and the warm Python server, empties /workspace, /tmp and /dev/shm, and removes the
-//! System V IPC objects of its ipc namespace. The namespaces, the cgroup, the uid and the
+//! System V IPC objects and POSIX message queues of its ipc namespace. The namespaces, the cgroup, the uid and the
 //! confinement are kept, so a reset costs a few syscalls instead of a new sandbox.
 //!
 //! Deletion walks each tree with directory fds (`openat(O_NOFOLLOW | O_DIRECTORY)`,
@@ -107,6 +107,46 @@ pub fn remove_ipc() {
                     _ => libc::msgctl(id, libc::IPC_RMID, std::ptr::null_mut()),
                 };
             }
+        }
+    }
+}
+
+/// A detached mount of the ipc namespace's mqueue filesystem (never attached to a path, so the
+/// sandbox cannot see it), made during setup while the init may still mount: the reset lists
+/// and unlinks the POSIX message queues through it. -1 when the kernel has no mqueue support.
+pub fn mqueue_fd() -> RawFd {
+    const FSOPEN_CLOEXEC: libc::c_uint = 1;
+    const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+    const FSMOUNT_CLOEXEC: libc::c_uint = 1;
+    const NOSUID_NODEV_NOEXEC: libc::c_uint = 0x2 | 0x4 | 0x8;
+    // SAFETY: the new mount API with valid arguments; every fd is ours to close.
+    unsafe {
+        let fs = libc::syscall(libc::SYS_fsopen, c"mqueue".as_ptr(), FSOPEN_CLOEXEC) as RawFd;
+        if fs < 0 {
+            return -1;
+        }
+        let null = std::ptr::null::<libc::c_char>();
+        let m = if libc::syscall(libc::SYS_fsconfig, fs, FSCONFIG_CMD_CREATE, null, null, 0) == 0 {
+            libc::syscall(libc::SYS_fsmount, fs, FSMOUNT_CLOEXEC, NOSUID_NODEV_NOEXEC) as RawFd
+        } else {
+            -1
+        };
+        close(fs);
+        m
+    }
+}
+
+/// Unlinks every POSIX message queue of the sandbox (`mq`: from [`mqueue_fd`]); a queue still
+/// open in some process lives on until closed, like an unlinked file, but no reset leaves one
+/// reachable by name. Best effort.
+pub fn remove_mqueues(mq: RawFd) {
+    if mq < 0 {
+        return;
+    }
+    for name in dir_names(mq).unwrap_or_default() {
+        if let Ok(c) = cstr(&name) {
+            // SAFETY: valid C string and directory fd.
+            unsafe { libc::unlinkat(mq, c.as_ptr(), 0) };
         }
     }
 }
