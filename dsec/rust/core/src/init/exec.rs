@@ -341,6 +341,28 @@ pub(super) fn reaper_main(args: &ChildArgs<'_>, own: &[RawFd]) -> ! {
     }
 }
 
+/// `clone(CLONE_NEWPID)`. A finished call's pid namespace leaves the sandbox's budget
+/// (`inner::USERNS_MAX`) only once RCU frees its last pid: tens of ms here, more under load, so a
+/// burst of calls can find the budget full for a moment (ENOSPC). `patient`: wait for it, up to
+/// 5 s; otherwise fail at once (for a reaper started ahead, which is best effort).
+pub(super) fn clone_new_pid(patient: bool) -> std::io::Result<libc::pid_t> {
+    let deadline = crate::sys::now() + 5.0;
+    let mut pause = 1;
+    loop {
+        match clone_fork(libc::CLONE_NEWPID) {
+            Err(e)
+                if patient
+                    && e.raw_os_error() == Some(libc::ENOSPC)
+                    && crate::sys::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(pause));
+                pause = (pause * 2).min(50);
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Clones the reaper of a background process into a fresh pid namespace (pid 1 there); it
 /// starts the command with `fds` as its stdin, stdout and stderr and reports the command's
 /// wait status on the returned pipe, then exits. Returns the reaper's pid and the read end of
@@ -353,7 +375,7 @@ pub fn start_reaper(
 ) -> Result<(libc::pid_t, RawFd), String> {
     let io = |e: std::io::Error| format!("exec setup: {e}");
     let (sr, sw) = pipe().map_err(io)?;
-    let reaper = match clone_fork(libc::CLONE_NEWPID) {
+    let reaper = match clone_new_pid(true) {
         Ok(p) => p,
         Err(e) => {
             close(sr);

@@ -142,13 +142,15 @@ pub struct UsernsMax {
 }
 
 /// The values every sandbox gets: a few inotify instances and watches for tools that want
-/// them; pid namespaces for the calls (one each, plus the python server; a finished call's
-/// namespace is uncounted only after an RCU grace period, hence the slack). Sandboxed code
-/// itself cannot create namespaces (seccomp).
+/// them; pid namespaces for the calls (one each, plus the reaper started ahead and the python
+/// server; a finished call's namespace is uncounted only once RCU frees its last pid, tens of ms
+/// later, so a burst of fast calls holds many at once: hence the slack, and a call that still
+/// finds the budget full waits for it, see `exec::clone_new_pid`). Sandboxed code itself cannot
+/// create namespaces (seccomp).
 pub const USERNS_MAX: UsernsMax = UsernsMax {
     inotify_instances: 16,
     inotify_watches: 1024,
-    pid_namespaces: 256,
+    pid_namespaces: 1024,
 };
 
 fn setup(p: &Policy, lower: RawFd) -> Result<State, String> {
@@ -471,7 +473,7 @@ pub fn run(p: &Policy, sync_r: RawFd, lower: RawFd) -> i32 {
         // After each answer, while the host reads it: the next exec's reaper (best effort; a
         // call without one starts its own).
         if st.warm.is_none() {
-            st.warm = Warm::start(&st.conf, st.devnull).ok();
+            st.warm = Warm::start(&st.conf, st.devnull, false).ok();
         }
         let Ok(Some(body)) = wire::read_frame(&mut *sock) else {
             break;

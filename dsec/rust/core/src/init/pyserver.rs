@@ -3,9 +3,9 @@
 //! interpreter; the server kills the call's whole tree before answering.
 
 use super::confine::{enter, Confinement};
-use super::exec::Outcome;
+use super::exec::{clone_new_pid, Outcome};
 use super::pump::{pump, HostGone};
-use crate::sys::{clone_fork, close, cstr, pidfd_open, pipe, write_all_fd};
+use crate::sys::{close, cstr, pidfd_open, pipe, write_all_fd};
 use std::ffi::CString;
 use std::os::fd::RawFd;
 
@@ -45,7 +45,7 @@ impl PyServer {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| e.to_string())?;
         let (sr, sw) = pipe().map_err(|e| e.to_string())?;
-        let pid = clone_fork(libc::CLONE_NEWPID).map_err(|e| format!("clone: {e}"))?;
+        let pid = clone_new_pid(true).map_err(|e| format!("clone: {e}"))?;
         if pid == 0 {
             // SAFETY: fd shuffling in a single-threaded child.
             unsafe {

@@ -7,11 +7,11 @@
 
 use super::confine::Confinement;
 use super::exec::{
-    close_all_but, cpu_seconds, parse_status, read_all, reaper_main, ChildArgs, Command, Job,
-    Outcome,
+    clone_new_pid, close_all_but, cpu_seconds, parse_status, read_all, reaper_main, ChildArgs,
+    Command, Job, Outcome,
 };
 use super::pump::{pump, HostGone};
-use crate::sys::{clone_fork, close, cvt, pidfd_open, pipe};
+use crate::sys::{close, cvt, pidfd_open, pipe};
 use crate::wire;
 use std::fs::File;
 use std::mem::ManuallyDrop;
@@ -29,8 +29,8 @@ pub struct Warm {
 }
 
 impl Warm {
-    /// Clones the reaper with the pipes of one call.
-    pub fn start(conf: &Confinement, devnull: RawFd) -> Result<Warm, String> {
+    /// Clones the reaper with the pipes of one call (`patient`: see `exec::clone_new_pid`).
+    pub fn start(conf: &Confinement, devnull: RawFd, patient: bool) -> Result<Warm, String> {
         let fail = |made: &[RawFd], e: std::io::Error| {
             made.iter().for_each(|&fd| close(fd));
             Err(format!("exec setup: {e}"))
@@ -43,7 +43,7 @@ impl Warm {
             }
         }
         let [out_r, out_w, err_r, err_w, in_r, in_w, sr, sw, job_r, job_w] = made;
-        let reaper = match clone_fork(libc::CLONE_NEWPID) {
+        let reaper = match clone_new_pid(patient) {
             Ok(p) => p,
             Err(e) => return fail(&made, e),
         };
@@ -178,7 +178,7 @@ pub fn run(
                 if let Some(w) = stale {
                     w.discard();
                 }
-                Warm::start(conf, devnull)?
+                Warm::start(conf, devnull, true)?
             }
         };
         if let Some(r) = w.run(job, ctrl) {
