@@ -7,9 +7,11 @@ from __future__ import annotations
 import os
 import select
 import signal
+import subprocess
+import sys
 import threading
 
-from sandbox_helpers import LIMITS, _ppid, proc_state, wait_for
+from sandbox_helpers import LIMITS, _ppid, proc_state, sandbox_cgroups, wait_for
 
 import dsec
 
@@ -116,3 +118,30 @@ def test_a_fork_while_other_threads_start_sandboxes_works_in_the_child():
         stop.set()
         t.join()
     assert answers == [b"child\n"] * 12
+
+
+def test_cgroups_left_by_a_dead_process_are_removed_by_the_next_one():
+    # A process killed between creating a sandbox's cgroups and handing them to its outer init
+    # leaves them behind; the next process that starts a sandbox removes them.
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    dead_pid = int(dead.stdout)
+    with dsec.Sandbox(**LIMITS):
+        parents = {p.parent for p in sandbox_cgroups()}
+    stale = [p / f"dsec-{dead_pid}-7" for p in parents]
+    alive = [p / "dsec-1-7" for p in parents]  # pid 1 lives: its cgroups are not stale
+    for d in stale + alive:
+        d.mkdir()
+    try:
+        starter = "import dsec; dsec.Sandbox(spare=False).close()"
+        subprocess.run([sys.executable, "-c", starter], check=True, timeout=60)
+        assert [d for d in stale if d.exists()] == []
+        assert all(d.exists() for d in alive)
+    finally:
+        for d in stale + alive:
+            if d.exists():
+                d.rmdir()

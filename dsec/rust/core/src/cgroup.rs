@@ -216,9 +216,38 @@ fn field(text: &str, key: &str) -> Option<u64> {
         .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
 }
 
+/// Removes the sandbox cgroups of processes that died between creating them and handing them to
+/// an outer init (a SIGKILL in those few milliseconds leaves them behind; an outer init removes
+/// the ones it was given): `dsec-<pid>-<n>` directories whose creator is gone. rmdir fails on a
+/// cgroup that still holds a task, so a live sandbox is never touched.
+fn sweep_stale(parents: &[PathBuf]) {
+    let me = std::process::id();
+    for p in parents {
+        let Ok(entries) = std::fs::read_dir(p) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let pid = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("dsec-"))
+                .and_then(|r| r.split('-').next())
+                .and_then(|x| x.parse::<u32>().ok());
+            if let Some(pid) = pid {
+                if pid != me && !Path::new(&format!("/proc/{pid}")).exists() {
+                    release_memory(&e.path());
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
+        }
+    }
+}
+
 impl SandboxCgroup {
     /// Creates the cgroup(s) with the memory, pids, TCP buffer and CPU bandwidth limits.
+    /// A process's first call also removes cgroups that dead processes left (`sweep_stale`).
     pub fn create(lim: &Limits) -> Result<Self> {
+        static SWEEP: std::sync::Once = std::sync::Once::new();
         static SEQ: AtomicU64 = AtomicU64::new(0);
         let layout = detect().clone().map_err(Error::Setup)?;
         let name = format!(
@@ -243,6 +272,7 @@ impl SandboxCgroup {
             }
             Layout::V2 { base, .. } => vec![base.clone()],
         };
+        SWEEP.call_once(|| sweep_stale(&parents));
         let mut cg = SandboxCgroup {
             layout,
             dirs: Vec::new(),
