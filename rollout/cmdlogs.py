@@ -40,22 +40,18 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from rollout.config import Config
+from rollout.config import (
+    JOB_RESUME_FREE,
+    RESUME_FREE_KEYS,
+    RESUME_FREE_SECTIONS,
+    TRAIN_RESUME_FREE,
+    Config,
+)
 
 __all__ = ["LOG_DIR", "command_log_dir", "open_log", "remove_logs", "run_identity"]
 
 LOG_DIR = "cmdlogs"
 FSYNC = "never"  # see the module doc
-
-# what a resumed run may change (rollout.job and rollout.train): not part of its identity
-_FREE_SECTIONS = {"workers", "engine"}
-_FREE_KEYS = {
-    ("run", "out_dir"),
-    ("run", "name"),
-    ("task", "num_prompts"),
-    ("rl", "steps"),
-    ("sandbox", "command_log"),
-}
 
 
 def command_log_dir(config: Config, run_dir: str | os.PathLike[str]) -> str | None:
@@ -69,10 +65,11 @@ def command_log_dir(config: Config, run_dir: str | os.PathLike[str]) -> str | No
 def run_identity(config: Config) -> str:
     """The task id of a run's logs: the task name and a digest of every setting a resumed
     run keeps (the same on every worker and after ``--resume``)."""
+    free = RESUME_FREE_KEYS | JOB_RESUME_FREE | TRAIN_RESUME_FREE
     kept = {
-        section: {k: v for k, v in values.items() if (section, k) not in _FREE_KEYS}
+        section: {k: v for k, v in values.items() if (section, k) not in free}
         for section, values in config.to_dict().items()
-        if section not in _FREE_SECTIONS
+        if section not in RESUME_FREE_SECTIONS
     }
     text = json.dumps(kept, sort_keys=True, default=repr)
     return f"{config.task.name}/{hashlib.sha256(text.encode()).hexdigest()[:16]}"

@@ -347,6 +347,30 @@ def _check_across(c: Config) -> None:
     _check_names(c)
 
 
+# What a resumed run may change: where it runs (workers, engine sizes, the run directory,
+# command logs) and, per kind of run, how much it does; every other setting must match.
+RESUME_FREE_SECTIONS = frozenset({"workers", "engine"})
+RESUME_FREE_KEYS = frozenset({("run", "out_dir"), ("run", "name"), ("sandbox", "command_log")})
+JOB_RESUME_FREE = frozenset({("task", "num_prompts")})  # rollout.job
+TRAIN_RESUME_FREE = frozenset({("rl", "steps")})  # rollout.train
+
+
+def changed_settings(
+    now: dict[str, Any], stored: dict[str, Any], free: frozenset[tuple[str, str]]
+) -> list[str]:
+    """``section.key`` of each setting of ``now`` that differs from ``stored`` (both in
+    ``Config.to_dict`` form), except what a resume may change (the ``RESUME_FREE_*`` sets and
+    ``free``)."""
+    free = RESUME_FREE_KEYS | free
+    return [
+        f"{section}.{key}"
+        for section, values in now.items()
+        if section not in RESUME_FREE_SECTIONS
+        for key, value in values.items()
+        if (section, key) not in free and stored.get(section, {}).get(key) != value
+    ]
+
+
 def checkpoint_file(path: str | Path) -> Path:
     """The weights file of ``policy.checkpoint``: the path itself, or ``model.safetensors`` in a
     checkpoint directory (as the learner writes them)."""

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rollout.cmdlogs import command_log_dir, remove_logs
-from rollout.config import Config, ConfigError, from_dict
+from rollout.config import JOB_RESUME_FREE, Config, ConfigError, changed_settings, from_dict
 from rollout.store import RunStore
 from rollout.types import Trajectory
 from rollout.workers import Group, JobError, RolloutPool, check_resources
@@ -204,25 +204,11 @@ class RolloutJob:
 def _check_resumable(stored: dict[str, Any], config: Config) -> None:
     """A resumed run must produce the same kind of trajectories: only the run's location, the
     workers and engine sizes, the number of prompts and ``sandbox.command_log`` may change."""
-    free = {
-        ("run", "out_dir"),
-        ("run", "name"),
-        ("task", "num_prompts"),
-        ("sandbox", "command_log"),
-    }
-    free_sections = {"workers", "engine"}
-    now = config.to_dict()
     try:
         old = from_dict(stored).to_dict()
     except ConfigError as exc:
         raise JobError(f"the run directory's config.json cannot be read back: {exc}") from exc
-    changed = [
-        f"{section}.{key}"
-        for section, values in now.items()
-        if section not in free_sections
-        for key, value in values.items()
-        if (section, key) not in free and old[section][key] != value
-    ]
+    changed = changed_settings(config.to_dict(), old, JOB_RESUME_FREE)
     if changed:
         raise JobError("--resume: the config differs from the stored run in " + ", ".join(changed))
 

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from rollout.cmdlogs import command_log_dir, remove_logs
-from rollout.config import Config
+from rollout.config import TRAIN_RESUME_FREE, Config, changed_settings
 from rollout.learner import latest_checkpoint
 
 __all__ = ["Sampler", "TrainError", "Trainer", "eval_groups", "step_groups"]
@@ -427,16 +427,7 @@ def _truncate_metrics(run_dir: Path, keep: Callable[[dict[str, Any]], bool]) -> 
 def _check_same_run(stored: dict[str, Any], config: Config) -> None:
     """A resumed run must be the same run: only where it runs (workers, engine sizes, the run
     directory, sandbox.command_log) and how long (rl.steps) may change."""
-    free_sections = {"workers", "engine"}
-    free = {("run", "out_dir"), ("run", "name"), ("rl", "steps"), ("sandbox", "command_log")}
-    now = config.to_dict()
-    changed = [
-        f"{section}.{key}"
-        for section, values in now.items()
-        if section not in free_sections
-        for key, value in values.items()
-        if (section, key) not in free and stored.get(section, {}).get(key) != value
-    ]
+    changed = changed_settings(config.to_dict(), stored, TRAIN_RESUME_FREE)
     if changed:
         raise TrainError(
             "--resume: the config differs from the stored run in " + ", ".join(changed)

@@ -56,12 +56,14 @@ impl Command {
         }
     }
 
-    pub(super) fn encode(&self) -> Vec<u8> {
+    /// The job's command as a warm child reads it ([`Command::decode`]).
+    pub(super) fn encode(job: &Job) -> Vec<u8> {
         let bytes = |v: &[CString]| v.iter().map(|c| c.as_bytes().to_vec()).collect::<Vec<_>>();
         let mut e = Enc::new(0);
-        e.list(&bytes(&self.argv)).list(&bytes(&self.envp));
-        e.bytes(self.cwd.as_bytes());
-        e.u64(self.cpu_seconds.unwrap_or(0)).u8(self.stdin as u8);
+        e.list(&bytes(&job.argv)).list(&bytes(&job.envp));
+        e.bytes(job.cwd.as_bytes());
+        e.u64(job.cpu_seconds.unwrap_or(0))
+            .u8(job.stdin.is_some() as u8);
         e.0
     }
 

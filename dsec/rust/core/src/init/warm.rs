@@ -111,7 +111,7 @@ impl Warm {
     /// Runs `job`; `None` when the child never took it (it died before), so nothing ran.
     fn run(self, job: &Job, ctrl: RawFd) -> Option<Result<Outcome, String>> {
         let mut pipe = ManuallyDrop::new(unsafe { File::from_raw_fd(self.job_w) });
-        let sent = wire::write_frame(&mut *pipe, &Command::of(job).encode()).is_ok();
+        let sent = wire::write_frame(&mut *pipe, &Command::encode(job)).is_ok();
         close(self.job_w);
         let stdin = match &job.stdin {
             Some(d) if sent => Some((self.in_w, d.as_slice())),
