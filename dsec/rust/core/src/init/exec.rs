@@ -12,10 +12,12 @@ use super::confine::{enter, Confinement};
 use super::pump::Pumped;
 use crate::sys::{clone_fork, close, pipe, write_all_fd};
 use crate::wire::{self, Dec, Enc};
+use std::cell::Cell;
 use std::ffi::CString;
 use std::fs::File;
 use std::mem::ManuallyDrop;
 use std::os::fd::{FromRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// A decoded exec request.
 pub struct Job {
@@ -117,59 +119,78 @@ fn candidates(argv0: &[u8], envp: &[CString]) -> Vec<CString> {
         .collect()
 }
 
-/// Setup failure report of the child on the status pipe: b'E', u32 length, message.
-fn report_setup_error(sw: RawFd, msg: &str) {
-    let mut b = vec![b'E'];
-    b.extend_from_slice(&(msg.len() as u32).to_le_bytes());
-    b.extend_from_slice(msg.as_bytes());
-    let _ = write_all_fd(sw, &b);
-}
-
-/// What the status pipe carried.
+/// What the status pipe carried: the reaper writes it once, in one `write` (at most
+/// `PIPE_BUF` bytes, so it arrives whole), after the command and everything it left in the
+/// call's namespace are gone. Nothing at all when the reaper was killed first.
 #[derive(Debug, PartialEq)]
 pub(super) struct Report {
-    /// The child's setup error (b'E', u32 length, message).
+    /// The child's setup error (confinement, CPU limit).
     pub error: Option<String>,
-    /// A warm child took its command (b'G').
-    pub started: bool,
-    /// The command's wait status (b'S', i32), absent when the reaper was killed first.
+    /// The command's wait status.
     pub status: Option<i32>,
+    /// CPU seconds of the command and of every process of the call's namespace.
+    pub cpu: f64,
 }
 
-pub(super) fn parse_status(b: &[u8]) -> Report {
-    let mut error = None;
-    let mut rest = b;
-    if rest.first() == Some(&b'E') && rest.len() >= 5 {
-        let n = u32::from_le_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
-        let end = (5 + n).min(rest.len());
-        error = Some(String::from_utf8_lossy(&rest[5..end]).into_owned());
-        rest = &rest[end..];
-    }
-    let started = rest.first() == Some(&b'G');
-    if started {
-        rest = &rest[1..];
-    }
-    let status = (rest.first() == Some(&b'S') && rest.len() >= 5)
-        .then(|| i32::from_le_bytes([rest[1], rest[2], rest[3], rest[4]]));
-    Report {
-        error,
-        started,
-        status,
-    }
-}
+/// Longest setup error message sent (the report must fit in `PIPE_BUF`).
+const MAX_ERROR: usize = 1024;
 
-pub(super) fn read_all(fd: RawFd) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        // SAFETY: buf is a valid buffer.
-        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-        if n <= 0 {
-            break;
+impl Report {
+    /// b'E', u32 length, message (only with an error); b'S', i32 status, f64 CPU seconds.
+    fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(32);
+        if let Some(m) = &self.error {
+            let mut end = m.len().min(MAX_ERROR);
+            while !m.is_char_boundary(end) {
+                end -= 1;
+            }
+            b.push(b'E');
+            b.extend_from_slice(&(end as u32).to_le_bytes());
+            b.extend_from_slice(&m.as_bytes()[..end]);
         }
-        out.extend_from_slice(&buf[..n as usize]);
+        b.push(b'S');
+        b.extend_from_slice(&self.status.unwrap_or(0).to_le_bytes());
+        b.extend_from_slice(&self.cpu.to_le_bytes());
+        b
     }
-    out
+
+    pub(super) fn parse(b: &[u8]) -> Report {
+        let mut r = Report {
+            error: None,
+            status: None,
+            cpu: 0.0,
+        };
+        let mut rest = b;
+        if rest.first() == Some(&b'E') && rest.len() >= 5 {
+            let n = u32::from_le_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+            let end = (5 + n).min(rest.len());
+            r.error = Some(String::from_utf8_lossy(&rest[5..end]).into_owned());
+            rest = &rest[end..];
+        }
+        if let Some(&[b'S', s0, s1, s2, s3, ref cpu @ ..]) = rest.get(..13) {
+            r.status = Some(i32::from_le_bytes([s0, s1, s2, s3]));
+            let mut c = [0u8; 8];
+            c.copy_from_slice(cpu);
+            r.cpu = f64::from_le_bytes(c);
+        }
+        r
+    }
+
+    /// Reads the report without waiting for the reaper to exit: one read, since it was
+    /// written whole. Empty (no status) when the reaper died without writing it.
+    pub(super) fn read(sr: RawFd) -> Report {
+        let mut buf = [0u8; 2 * MAX_ERROR];
+        loop {
+            // SAFETY: buf is a valid buffer.
+            let n = unsafe { libc::read(sr, buf.as_mut_ptr().cast(), buf.len()) };
+            if n >= 0 {
+                return Report::parse(&buf[..n as usize]);
+            }
+            if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                return Report::parse(&[]);
+            }
+        }
+    }
 }
 
 /// Closes every descriptor above 2 except `keep` (in a freshly forked, single-threaded
@@ -192,14 +213,13 @@ pub(super) fn close_all_but(keep: &[RawFd]) {
 }
 
 /// In the confined child: wire stdio, set the CPU limit, enter `cwd`, exec. Never returns.
-fn exec_command(cmd: &Command, fds: [RawFd; 3], sw: RawFd) -> ! {
+fn exec_command(cmd: &Command, fds: [RawFd; 3], failed: &Cell<Option<String>>) -> ! {
     // SAFETY: dup2 / close_range in a single-threaded child.
     unsafe {
         libc::dup2(fds[0], 0);
         libc::dup2(fds[1], 1);
         libc::dup2(fds[2], 2);
         libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 4u32); // CLOSE_RANGE_CLOEXEC
-        let _ = libc::fcntl(sw, libc::F_SETFD, libc::FD_CLOEXEC);
     }
     if let Some(s) = cmd.cpu_seconds {
         let r = libc::rlimit {
@@ -209,7 +229,7 @@ fn exec_command(cmd: &Command, fds: [RawFd; 3], sw: RawFd) -> ! {
         // SAFETY: r is a valid rlimit.
         if unsafe { libc::setrlimit(libc::RLIMIT_CPU, &r) } != 0 {
             let e = std::io::Error::last_os_error();
-            report_setup_error(sw, &format!("setrlimit CPU: {e}"));
+            failed.set(Some(format!("setrlimit CPU: {e}")));
             // SAFETY: terminating the child.
             unsafe { libc::_exit(126) };
         }
@@ -245,15 +265,9 @@ fn exec_command(cmd: &Command, fds: [RawFd; 3], sw: RawFd) -> ! {
     unsafe { libc::_exit(if last == libc::ENOENT { 127 } else { 126 }) }
 }
 
-fn confine_or_exit(conf: &Confinement, sw: RawFd) {
-    if let Err(m) = enter(conf) {
-        report_setup_error(sw, &m);
-        // SAFETY: terminating the child.
-        unsafe { libc::_exit(126) };
-    }
-}
-
-/// What the command's child needs, passed through `clone`'s argument pointer.
+/// What the command's child needs, passed through `clone`'s argument pointer. The child
+/// shares the reaper's memory until it execs (`CLONE_VM`), so it reports through the cells,
+/// which the reaper reads once `clone` returns.
 pub(super) struct ChildArgs<'a> {
     pub conf: &'a Confinement,
     /// The command, or `None` for a warm child, which reads it from `job_r`.
@@ -262,15 +276,36 @@ pub(super) struct ChildArgs<'a> {
     pub fds: [RawFd; 3],
     pub devnull: RawFd,
     pub job_r: RawFd,
-    pub sw: RawFd,
+    /// Set by a warm child when it has its command (a page shared with the init).
+    pub took: Option<&'a AtomicBool>,
+    /// Set by the child when it could not be confined or limited.
+    pub failed: Cell<Option<String>>,
+}
+
+impl<'a> ChildArgs<'a> {
+    pub fn new(conf: &'a Confinement, cmd: Option<&'a Command>, fds: [RawFd; 3]) -> Self {
+        ChildArgs {
+            conf,
+            cmd,
+            fds,
+            devnull: -1,
+            job_r: -1,
+            took: None,
+            failed: Cell::new(None),
+        }
+    }
 }
 
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` points to the ChildArgs of the suspended parent (CLONE_VFORK).
     let a = unsafe { &*(arg as *const ChildArgs) };
-    confine_or_exit(a.conf, a.sw);
+    if let Err(m) = enter(a.conf) {
+        a.failed.set(Some(m));
+        // SAFETY: terminating the child.
+        unsafe { libc::_exit(126) };
+    }
     if let Some(cmd) = a.cmd {
-        exec_command(cmd, a.fds, a.sw);
+        exec_command(cmd, a.fds, &a.failed);
     }
     let mut pipe = ManuallyDrop::new(unsafe { File::from_raw_fd(a.job_r) });
     let Some(cmd) = wire::read_frame(&mut *pipe)
@@ -281,9 +316,11 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         // SAFETY: the reaper was discarded before its call (or sent garbage): nothing ran.
         unsafe { libc::_exit(0) }
     };
-    let _ = write_all_fd(a.sw, b"G");
+    if let Some(t) = a.took {
+        t.store(true, Ordering::SeqCst);
+    }
     let stdin = if cmd.stdin { a.fds[0] } else { a.devnull };
-    exec_command(&cmd, [stdin, a.fds[1], a.fds[2]], a.sw)
+    exec_command(&cmd, [stdin, a.fds[1], a.fds[2]], &a.failed)
 }
 
 /// Stack of the command's child until its execve: confinement and path search need little.
@@ -310,18 +347,41 @@ fn spawn_command(args: &ChildArgs<'_>) -> libc::pid_t {
     }
 }
 
-/// The reaper: starts the command's child, closes its copies of the child's descriptors,
-/// reports the child's wait status on `sw` once it exits, and exits. Never returns.
-pub(super) fn reaper_main(args: &ChildArgs<'_>, own: &[RawFd]) -> ! {
+/// Kills every other process of the reaper's namespace (what the command left running) and
+/// reaps them all, orphans included; returns the CPU seconds of everything reaped.
+fn clear_namespace() -> f64 {
+    // SAFETY: as pid 1 of the call's namespace, -1 reaches every process in it but ourselves.
+    unsafe { libc::kill(-1, libc::SIGKILL) };
+    loop {
+        // SAFETY: reaping any child; no status wanted.
+        let p = unsafe { libc::waitpid(-1, std::ptr::null_mut(), 0) };
+        if p < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            break; // ECHILD: no process is left in the namespace
+        }
+    }
+    // SAFETY: ru is plain data.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    cpu_seconds(&ru)
+}
+
+/// The reaper: starts the command's child and closes its copies of the child's descriptors.
+/// When the child exits, it clears the namespace, writes the report on `sw` and exits, so the
+/// init can answer on the report while the reaper's exit finishes. Never returns.
+pub(super) fn reaper_main(args: &ChildArgs<'_>, sw: RawFd, own: &[RawFd]) -> ! {
     let cmd = spawn_command(args);
     for &fd in own {
         close(fd);
     }
+    let mut report = Report {
+        error: args.failed.take(),
+        status: None,
+        cpu: 0.0,
+    };
     if cmd < 0 {
-        report_setup_error(
-            args.sw,
-            &format!("fork: {}", std::io::Error::last_os_error()),
-        );
+        report.error = Some(format!("fork: {}", std::io::Error::last_os_error()));
+        let _ = write_all_fd(sw, &report.encode());
         // SAFETY: terminating the reaper.
         unsafe { libc::_exit(1) };
     }
@@ -330,10 +390,10 @@ pub(super) fn reaper_main(args: &ChildArgs<'_>, own: &[RawFd]) -> ! {
         // SAFETY: st is a valid int.
         let p = unsafe { libc::waitpid(-1, &mut st, 0) };
         if p == cmd {
-            let mut b = vec![b'S'];
-            b.extend_from_slice(&st.to_le_bytes());
-            let _ = write_all_fd(args.sw, &b);
-            // SAFETY: exiting pid 1 tears the namespace down.
+            report.status = Some(st);
+            report.cpu = clear_namespace();
+            let _ = write_all_fd(sw, &report.encode());
+            // SAFETY: nothing is left in the namespace; exiting pid 1 ends it.
             unsafe { libc::_exit(0) };
         }
         if p < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
@@ -388,28 +448,22 @@ pub fn start_reaper(
     if reaper == 0 {
         close_all_but(&[fds[0], fds[1], fds[2], sw, devnull, conf.landlock_fd]);
         let cmd = Command::of(job);
-        let args = ChildArgs {
-            conf,
-            cmd: Some(&cmd),
-            fds,
-            devnull,
-            job_r: -1,
-            sw,
-        };
+        let args = ChildArgs::new(conf, Some(&cmd), fds);
         let own: Vec<RawFd> = fds.into_iter().filter(|&f| f != devnull).collect();
-        reaper_main(&args, &own);
+        reaper_main(&args, sw, &own);
     }
     close(sw);
     Ok((reaper, sr))
 }
 
 /// Reads what a background process's reaper reported once it exited: `Err` if the command
-/// could not be confined, else its wait status (`None`: killed before it reported).
-pub fn reaper_report(sr: RawFd) -> Result<Option<i32>, String> {
-    let r = parse_status(&read_all(sr));
+/// could not be confined, else its wait status and the CPU seconds of its namespace (`None`:
+/// killed before it reported).
+pub fn reaper_report(sr: RawFd) -> Result<Option<(i32, f64)>, String> {
+    let r = Report::read(sr);
     match r.error {
         Some(m) => Err(format!("cannot confine the command: {m}")),
-        None => Ok(r.status),
+        None => Ok(r.status.map(|s| (s, r.cpu))),
     }
 }
 
@@ -424,23 +478,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn status_report_parsing() {
-        let mut b = vec![b'S'];
-        b.extend_from_slice(&(3i32 << 8).to_le_bytes());
-        let r = |error: Option<&str>, started, status| Report {
+    fn status_report_round_trip() {
+        let r = |error: Option<&str>, status: Option<i32>, cpu| Report {
             error: error.map(String::from),
-            started,
             status,
+            cpu,
         };
-        assert_eq!(parse_status(&b), r(None, false, Some(3 << 8)));
-        let mut e = vec![b'E', 2, 0, 0, 0, b'n', b'o'];
-        e.extend_from_slice(&b);
-        assert_eq!(parse_status(&e), r(Some("no"), false, Some(3 << 8)));
-        let mut g = vec![b'G'];
-        g.extend_from_slice(&b);
-        assert_eq!(parse_status(&g), r(None, true, Some(3 << 8)));
-        assert_eq!(parse_status(b"G"), r(None, true, None));
-        assert_eq!(parse_status(&[]), r(None, false, None));
+        for rep in [
+            r(None, Some(3 << 8), 0.25),
+            r(Some("no"), Some(126 << 8), 0.0),
+            r(Some("é".repeat(MAX_ERROR).as_str()), Some(0), 1.5),
+        ] {
+            let b = rep.encode();
+            assert!(b.len() <= libc::PIPE_BUF);
+            let back = Report::parse(&b);
+            assert_eq!(back.status, rep.status);
+            assert_eq!(back.cpu, rep.cpu);
+            let (e, be) = (
+                rep.error.unwrap_or_default(),
+                back.error.unwrap_or_default(),
+            );
+            assert!(e.starts_with(&be) && be.len() + 1 >= e.len().min(MAX_ERROR));
+        }
+        assert_eq!(Report::parse(&[]), r(None, None, 0.0));
+        assert_eq!(Report::parse(b"S\x01"), r(None, None, 0.0));
     }
 
     #[test]

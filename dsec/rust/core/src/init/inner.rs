@@ -7,7 +7,7 @@ use super::exec::{Job, Outcome};
 use super::files;
 use super::procs::Procs;
 use super::pyserver::PyServer;
-use super::warm::{self, Warm};
+use super::warm::Reapers;
 use crate::mounts::{self, PlanInput, ETC_BINDS, IMAGE_DIRS};
 use crate::policy::Policy;
 use crate::sys::{close, cstr, cvt};
@@ -24,8 +24,8 @@ struct State {
     envp: Vec<CString>,
     py: Option<PyServer>,
     procs: Procs,
-    /// The next exec call's reaper, started ahead (see `super::warm`).
-    warm: Option<Warm>,
+    /// The exec calls' reapers (see `super::warm`).
+    reapers: Reapers,
     /// The ipc namespace's mqueue filesystem (see `reset::mqueue_fd`), or -1.
     mq_fd: RawFd,
 }
@@ -272,7 +272,7 @@ fn setup(p: &Policy, lower: RawFd) -> Result<State, String> {
         envp,
         py: None,
         procs: Procs::default(),
-        warm: None,
+        reapers: Reapers::new()?,
         mq_fd,
     })
 }
@@ -331,7 +331,8 @@ fn handle(st: &mut State, ctrl: RawFd, body: &[u8]) -> Result<Vec<u8>, (u8, Stri
                 e.u32(id);
                 return Ok(e.0);
             }
-            warm::run(&job, &st.conf, ctrl, st.devnull, &mut st.warm)
+            st.reapers
+                .run(&job, &st.conf, ctrl, st.devnull)
                 .map(encode_outcome)
                 .map_err(|m| (errkind::SANDBOX, m))
         }
@@ -386,9 +387,7 @@ fn handle(st: &mut State, ctrl: RawFd, body: &[u8]) -> Result<Vec<u8>, (u8, Stri
             r.map(|_| Enc::new(tag::OK).0)
         }
         tag::RESET => {
-            if let Some(w) = st.warm.take() {
-                w.discard();
-            }
+            st.reapers.discard();
             st.procs.kill_all();
             if let Some(py) = st.py.take() {
                 py.stop();
@@ -470,11 +469,9 @@ pub fn run(p: &Policy, sync_r: RawFd, lower: RawFd) -> i32 {
         return 1;
     }
     loop {
-        // After each answer, while the host reads it: the next exec's reaper (best effort; a
-        // call without one starts its own).
-        if st.warm.is_none() {
-            st.warm = Warm::start(&st.conf, st.devnull, false).ok();
-        }
+        // After each answer, while the host reads it: reap the call's reaper, start the next
+        // exec's (best effort; a call without one starts its own).
+        st.reapers.prepare(&st.conf, st.devnull);
         let Ok(Some(body)) = wire::read_frame(&mut *sock) else {
             break;
         };

@@ -67,9 +67,9 @@ impl Proc {
             let report = exec::reaper_report(self.sr);
             close(self.sr);
             self.sr = -1;
-            self.done = Some(report.map(|status| Done {
-                status,
-                cpu: exec::cpu_seconds(&ru),
+            self.done = Some(report.map(|end| Done {
+                status: end.map(|(status, _)| status),
+                cpu: end.map_or_else(|| exec::cpu_seconds(&ru), |(_, cpu)| cpu),
             }));
         }
     }

@@ -10,6 +10,8 @@ pub struct Pumped {
     pub out: Capture,
     pub err: Capture,
     pub timed_out: bool,
+    /// The host cancelled the call (interrupt, CPU budget).
+    pub cancelled: bool,
     /// Index of the first `waits` fd that became readable.
     pub ready: Option<usize>,
     pub wall: f64,
@@ -56,6 +58,7 @@ pub fn pump(
         out: Capture::new(max_output),
         err: Capture::new(max_output),
         timed_out: false,
+        cancelled: false,
         ready: None,
         wall: 0.0,
     };
@@ -117,6 +120,7 @@ pub fn pump(
         }
         if fds[0].revents != 0 {
             if read_cancel(ctrl) {
+                res.cancelled = true;
                 if killed_at.is_none() {
                     kill();
                     killed_at = Some(now());

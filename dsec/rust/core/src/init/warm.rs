@@ -1,26 +1,30 @@
 //! The next exec call's reaper, started ahead of it. After each call the init clones it with
 //! the call's pipes, and its child confines itself and blocks reading the command from a job
 //! pipe. A call then costs one pipe write before the `execve`; the clone, the pipes and the
-//! confinement run while the host handles the previous answer. The child writes `G` on the
-//! status pipe once it holds the whole command; a reaper whose child died before that (it
-//! never ran the command) is replaced and the call tried once more.
+//! confinement run while the host handles the previous answer.
+//!
+//! The call is answered on the reaper's report, written once nothing of the call runs any
+//! more; the reaper's own exit (its address space and its namespace torn down) finishes after
+//! the answer, and the init reaps it before it reads the next request. The child marks a page
+//! it shares with the init when it has the command, so a call whose child died before that
+//! (nothing ran) is tried once more on a new reaper, and a call killed after it never is.
 
 use super::confine::Confinement;
 use super::exec::{
-    clone_new_pid, close_all_but, cpu_seconds, parse_status, read_all, reaper_main, ChildArgs,
-    Command, Job, Outcome,
+    clone_new_pid, close_all_but, cpu_seconds, reaper_main, ChildArgs, Command, Job, Outcome,
+    Report,
 };
 use super::pump::{pump, HostGone};
-use crate::sys::{close, cvt, pidfd_open, pipe};
+use crate::sys::{close, cvt, pipe, set_nonblock};
 use crate::wire;
 use std::fs::File;
 use std::mem::ManuallyDrop;
 use std::os::fd::{FromRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// A reaper started before its call; its child is confined and waits for the command.
 pub struct Warm {
     reaper: libc::pid_t,
-    pidfd: RawFd,
     job_w: RawFd,
     sr: RawFd,
     out_r: RawFd,
@@ -29,8 +33,14 @@ pub struct Warm {
 }
 
 impl Warm {
-    /// Clones the reaper with the pipes of one call (`patient`: see `exec::clone_new_pid`).
-    pub fn start(conf: &Confinement, devnull: RawFd, patient: bool) -> Result<Warm, String> {
+    /// Clones the reaper with the pipes of one call (`patient`: see `exec::clone_new_pid`);
+    /// its child sets `took` when it has the command.
+    fn start(
+        conf: &Confinement,
+        devnull: RawFd,
+        patient: bool,
+        took: &AtomicBool,
+    ) -> Result<Warm, String> {
         let fail = |made: &[RawFd], e: std::io::Error| {
             made.iter().for_each(|&fd| close(fd));
             Err(format!("exec setup: {e}"))
@@ -43,6 +53,7 @@ impl Warm {
             }
         }
         let [out_r, out_w, err_r, err_w, in_r, in_w, sr, sw, job_r, job_w] = made;
+        took.store(false, Ordering::SeqCst);
         let reaper = match clone_new_pid(patient) {
             Ok(p) => p,
             Err(e) => return fail(&made, e),
@@ -50,40 +61,31 @@ impl Warm {
         if reaper == 0 {
             close_all_but(&[out_w, err_w, in_r, sw, job_r, devnull, conf.landlock_fd]);
             let args = ChildArgs {
-                conf,
-                cmd: None,
-                fds: [in_r, out_w, err_w],
                 devnull,
                 job_r,
-                sw,
+                took: Some(took),
+                ..ChildArgs::new(conf, None, [in_r, out_w, err_w])
             };
-            reaper_main(&args, &[in_r, out_w, err_w, job_r]);
+            reaper_main(&args, sw, &[in_r, out_w, err_w, job_r]);
         }
         for fd in [out_w, err_w, in_r, sw, job_r] {
             close(fd);
         }
-        let warm = Warm {
+        let _ = set_nonblock(sr);
+        Ok(Warm {
             reaper,
-            pidfd: -1,
             job_w,
             sr,
             out_r,
             err_r,
             in_w,
-        };
-        match pidfd_open(reaper) {
-            Ok(pidfd) => Ok(Warm { pidfd, ..warm }),
-            Err(e) => {
-                warm.discard();
-                Err(format!("exec setup: {e}"))
-            }
-        }
+        })
     }
 
-    /// False once the reaper exited (its child died before a command came).
+    /// False once the reaper reported or exited (its child died before a command came).
     fn alive(&self) -> bool {
         let mut p = libc::pollfd {
-            fd: self.pidfd,
+            fd: self.sr,
             events: libc::POLLIN,
             revents: 0,
         };
@@ -97,19 +99,25 @@ impl Warm {
     }
 
     /// Kills and reaps the reaper (and its waiting child) and closes the call's pipes.
-    pub fn discard(self) {
+    fn discard(self) {
         self.kill();
         // SAFETY: reaping our own child.
         unsafe { libc::waitpid(self.reaper, std::ptr::null_mut(), 0) };
-        for fd in [
-            self.pidfd, self.job_w, self.sr, self.out_r, self.err_r, self.in_w,
-        ] {
+        for fd in [self.job_w, self.sr, self.out_r, self.err_r, self.in_w] {
             close(fd);
         }
     }
 
-    /// Runs `job`; `None` when the child never took it (it died before), so nothing ran.
-    fn run(self, job: &Job, ctrl: RawFd) -> Option<Result<Outcome, String>> {
+    /// Runs `job`; `None` when nothing ran: the child never took the command (`took` unset)
+    /// and the call was not cut short. A reaper that reported is still exiting: its pid goes
+    /// to `exiting`.
+    fn run(
+        self,
+        job: &Job,
+        ctrl: RawFd,
+        took: &AtomicBool,
+        exiting: &mut Vec<libc::pid_t>,
+    ) -> Option<Result<Outcome, String>> {
         let mut pipe = ManuallyDrop::new(unsafe { File::from_raw_fd(self.job_w) });
         let sent = wire::write_frame(&mut *pipe, &Command::encode(job)).is_ok();
         close(self.job_w);
@@ -129,7 +137,7 @@ impl Warm {
             self.out_r,
             self.err_r,
             stdin,
-            &[self.pidfd],
+            &[self.sr],
             job.timeout,
             job.max_output,
             &mut kill,
@@ -137,12 +145,26 @@ impl Warm {
         if pumped.is_err() {
             self.kill();
         }
-        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-        let mut st = 0;
-        // SAFETY: waiting for our own child with valid out-pointers.
-        let _ = cvt(unsafe { libc::wait4(self.reaper, &mut st, 0, &mut ru) });
-        close(self.pidfd);
-        let report = parse_status(&read_all(self.sr));
+        let reported = matches!(&pumped, Ok(p) if p.ready.is_some());
+        let mut report = if reported {
+            Report::read(self.sr)
+        } else {
+            Report::parse(&[])
+        };
+        if report.status.is_some() {
+            exiting.push(self.reaper);
+        } else {
+            // Killed (timeout, cancel, host gone) or died: reap it now, with the CPU time of
+            // the processes its namespace's teardown collected.
+            // SAFETY: rusage is plain data.
+            let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+            // SAFETY: waiting for our own child with valid out-pointers.
+            let _ = cvt(unsafe { libc::wait4(self.reaper, &mut 0, 0, &mut ru) });
+            if !reported {
+                report = Report::read(self.sr);
+            }
+            report.cpu = cpu_seconds(&ru);
+        }
         close(self.sr);
         let pumped = match pumped {
             Ok(p) => p,
@@ -151,39 +173,94 @@ impl Warm {
         if let Some(m) = report.error {
             return Some(Err(format!("cannot confine the command: {m}")));
         }
-        if !report.started && !pumped.timed_out {
+        if !took.load(Ordering::SeqCst) && !pumped.timed_out && !pumped.cancelled {
             return None;
         }
         Some(Ok(Outcome {
             status: report.status,
             pumped,
-            cpu: cpu_seconds(&ru),
+            cpu: report.cpu,
         }))
     }
 }
 
-/// Runs one exec call on the warm reaper (a new one if there is none or it died), once more
-/// on a new one if its child died before it took the command.
-pub fn run(
-    job: &Job,
-    conf: &Confinement,
-    ctrl: RawFd,
-    devnull: RawFd,
-    warm: &mut Option<Warm>,
-) -> Result<Outcome, String> {
-    for _ in 0..2 {
-        let w = match warm.take() {
-            Some(w) if w.alive() => w,
-            stale => {
-                if let Some(w) = stale {
-                    w.discard();
-                }
-                Warm::start(conf, devnull, true)?
-            }
+/// The exec calls' reapers of one sandbox: the one started ahead, those still exiting, and
+/// the page shared with their children.
+pub struct Reapers {
+    warm: Option<Warm>,
+    exiting: Vec<libc::pid_t>,
+    took: &'static AtomicBool,
+}
+
+impl Reapers {
+    pub fn new() -> Result<Reapers, String> {
+        // SAFETY: a fresh shared anonymous page, kept for the life of the init (so 'static);
+        // forked reapers and their children share it.
+        let page = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
         };
-        if let Some(r) = w.run(job, ctrl) {
-            return r;
+        if page == libc::MAP_FAILED {
+            return Err(format!("mmap: {}", std::io::Error::last_os_error()));
+        }
+        Ok(Reapers {
+            warm: None,
+            exiting: Vec::new(),
+            // SAFETY: the page is zeroed, aligned, and never unmapped.
+            took: unsafe { &*(page as *const AtomicBool) },
+        })
+    }
+
+    /// Between requests: reaps the reapers that reported, and starts the next call's (best
+    /// effort; a call without one starts its own).
+    pub fn prepare(&mut self, conf: &Confinement, devnull: RawFd) {
+        for pid in self.exiting.drain(..) {
+            // SAFETY: waiting for our own child; EINTR is retried.
+            while unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) } < 0
+                && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
+            {}
+        }
+        if self.warm.is_none() {
+            self.warm = Warm::start(conf, devnull, false, self.took).ok();
         }
     }
-    Err("the command's process died before it could start, twice".into())
+
+    /// Kills the reaper started ahead (a reset).
+    pub fn discard(&mut self) {
+        if let Some(w) = self.warm.take() {
+            w.discard();
+        }
+    }
+
+    /// Runs one exec call on the reaper started ahead (a new one if there is none or it
+    /// died), once more on a new one if its child died before it took the command.
+    pub fn run(
+        &mut self,
+        job: &Job,
+        conf: &Confinement,
+        ctrl: RawFd,
+        devnull: RawFd,
+    ) -> Result<Outcome, String> {
+        for _ in 0..2 {
+            let w = match self.warm.take() {
+                Some(w) if w.alive() => w,
+                stale => {
+                    if let Some(w) = stale {
+                        w.discard();
+                    }
+                    Warm::start(conf, devnull, true, self.took)?
+                }
+            };
+            if let Some(r) = w.run(job, ctrl, self.took, &mut self.exiting) {
+                return r;
+            }
+        }
+        Err("the command's process died before it could start, twice".into())
+    }
 }
