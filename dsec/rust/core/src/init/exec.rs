@@ -393,6 +393,10 @@ pub(super) fn reaper_main(args: &ChildArgs<'_>, sw: RawFd, own: &[RawFd]) -> ! {
             report.status = Some(st);
             report.cpu = clear_namespace();
             let _ = write_all_fd(sw, &report.encode());
+            // The init, just woken, answers first: a wakee does not preempt its waker, and
+            // this exit (address space, namespace) takes longer than the answer.
+            // SAFETY: plain syscall.
+            unsafe { libc::sched_yield() };
             // SAFETY: nothing is left in the namespace; exiting pid 1 ends it.
             unsafe { libc::_exit(0) };
         }

@@ -486,6 +486,9 @@ pub fn run(p: &Policy, sync_r: RawFd, lower: RawFd) -> i32 {
         if wire::write_frame(&mut *sock, &resp).is_err() {
             break;
         }
+        // The host, just woken, takes its answer before the housekeeping below runs.
+        // SAFETY: plain syscall.
+        unsafe { libc::sched_yield() };
     }
     if let Some(py) = st.py.take() {
         py.stop();

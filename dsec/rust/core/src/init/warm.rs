@@ -121,6 +121,9 @@ impl Warm {
         let mut pipe = ManuallyDrop::new(unsafe { File::from_raw_fd(self.job_w) });
         let sent = wire::write_frame(&mut *pipe, &Command::encode(job)).is_ok();
         close(self.job_w);
+        // The child, just woken, takes the command now rather than once we block.
+        // SAFETY: plain syscall.
+        unsafe { libc::sched_yield() };
         let stdin = match &job.stdin {
             Some(d) if sent => Some((self.in_w, d.as_slice())),
             _ => {
