@@ -10,9 +10,10 @@ after a warm-up:
   (``policy.kernels.sparse_attention``, all keys allowed) and a plain two-matmul version; the
   keys are an fp32 [n, c] tensor, the format the V4 decode reads (the cache's decode mirror).
 - CSA / HCA attention: what the layer's cached decode runs after its projections
-  (``Attention._decode_keys`` + ``attention_core``, attn_impl "torch", the default CPU path):
-  ring write, compressor step(s), indexer queries + scores over the n/m indexer keys + top-k
-  (CSA), gathering the chosen (CSA) or all visible (HCA) entries, one softmax with the sink.
+  (``Attention._decode_sources`` + ``sources_attention``, attn_impl "torch", the default CPU
+  path): ring write, compressor step(s), indexer queries + scores over the n/m indexer keys +
+  top-k (CSA), gathering the chosen entries (CSA; HCA reads all visible ones in place), one
+  softmax with the sink over the ring and the entries.
 - CSA / HCA layer: the whole ``Attention.forward`` decode step (projections included).
 - peak: the step's peak memory above the process before it (VmHWM reset through
   /proc/self/clear_refs, malloc's mmap threshold fixed at 64 KiB so every temporary above it is
@@ -153,7 +154,7 @@ def _compressed(cfg, kind: str, n: int, repeats: int) -> dict:
     """Decode-step attention and whole-layer times of one ``kind`` layer at n cached tokens."""
     import torch
 
-    from policy.kernels import attention_core
+    from policy.kernels import sources_attention
     from policy.rope import apply_rope, rope_tables
 
     attn = _layer(cfg, kind)
@@ -165,8 +166,8 @@ def _compressed(cfg, kind: str, n: int, repeats: int) -> dict:
     qr, q = attn._queries(x, pos, rope)
 
     def step():  # everything the decode runs between its projections
-        keys, allowed = attn._decode_keys(x, qr, kv, pos, cache, rope)
-        return attention_core(q, keys, allowed, attn.attn_sink, attn.softmax_scale, "torch")
+        sources = attn._decode_sources(x, qr, kv, pos, cache, rope)
+        return sources_attention(q, sources, attn.attn_sink, attn.softmax_scale)
 
     t_att, m_att = _timed(step, repeats)
     t_lay, m_lay = _timed(lambda: attn(x, pos, cache), repeats)

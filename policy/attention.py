@@ -31,7 +31,7 @@ from torch import nn
 from policy.compressor import Compressor, quantize_kv
 from policy.config import V4Config
 from policy.indexer import Indexer, index_scores, topk_indices
-from policy.kernels import attention_core
+from policy.kernels import attention_core, sources_attention
 from policy.kernels.blocksparse import CompressedKeys, chunk_attention, chunk_queries, timeline
 from policy.layers import Linear, QLinear, RMSNorm, unit_rms
 from policy.quant import bf16_attention, bf16_unit_rms
@@ -98,7 +98,9 @@ class Attention(nn.Module):
 
                 o = decode_attention(self, x, qr, q, kv, pos, cache, rope)
                 return self._output(o, pos, rope)
-            keys, allowed = self._decode_keys(x, qr, kv, pos, cache, rope)
+            sources = self._decode_sources(x, qr, kv, pos, cache, rope)
+            o = sources_attention(q, sources, self.attn_sink, self.softmax_scale, official)
+            return self._output(o, pos, rope)
         if official:
             o = bf16_attention(q, keys, allowed, self.attn_sink, self.softmax_scale)
         else:
@@ -271,8 +273,10 @@ class Attention(nn.Module):
         return topk_indices(scores, part.mask(a, e, n), self.cfg.index_topk)
 
     # ------------------------------------------------------------------ decode
-    def _decode_keys(self, x, qr, kv, pos, cache, rope):
-        """keys [B, W + K, c], allowed [B, 1, W + K] for one token per row."""
+    def _decode_sources(self, x, qr, kv, pos, cache, rope):
+        """The keys of one token per row, by source: [(ring [B, W, c], allowed [B, 1, W]),
+        (compressed entries [B, K, c], allowed [B, 1, K])] (the ring alone for SWA), views of
+        the cache where they can be (the ring, HCA's entries), never joined."""
         p = pos[:, 0]  # [B]
         b, w, m = x.shape[0], self.window, self.ratio
         rows = torch.arange(b, device=x.device)
@@ -303,4 +307,4 @@ class Attention(nn.Module):
             else:
                 keys.append(cache.comp.read(n))
                 allowed.append(vis)
-        return torch.cat(keys, dim=1), torch.cat(allowed, dim=-1)[:, None]
+        return [(k, a[:, None]) for k, a in zip(keys, allowed, strict=True)]

@@ -104,22 +104,58 @@ def sparse_attention(
     Returns:
         o: [B, S, H, c] in q's dtype.
     """
+    return sources_attention(q, [(kv, allowed)], sink, scale, bf16)
+
+
+def sources_attention(
+    q: torch.Tensor,
+    sources: list[tuple[torch.Tensor, torch.Tensor]],
+    sink: torch.Tensor,
+    scale: float,
+    bf16: bool = False,
+) -> torch.Tensor:
+    """``sparse_attention`` over the keys of several sources in one softmax, without joining
+    them: sources [(kv [B, N_i, c], allowed [B, S, N_i]), ...] (the decode step's window ring
+    and its compressed entries, each a view of the cache) give the result of
+    ``sparse_attention`` on the concatenated keys, up to the order of the fp32 sums."""
     b, s, h, _ = q.shape
-    step = max(1, MAX_BLOCK_ELEMS // max(1, b * h * kv.shape[1]))
+    sources = [src for src in sources if src[0].shape[1]]
+    if not sources:  # no key at all: the weights are all zero
+        return torch.zeros_like(q)
+    n = sum(kv.shape[1] for kv, _ in sources)
+    step = max(1, MAX_BLOCK_ELEMS // max(1, b * h * n))
     if s > step:
         parts = [
-            sparse_attention(q[:, i : i + step], kv, allowed[:, i : i + step], sink, scale, bf16)
+            sources_attention(
+                q[:, i : i + step],
+                [(kv, a[:, i : i + step]) for kv, a in sources],
+                sink,
+                scale,
+                bf16,
+            )
             for i in range(0, s, step)
         ]
         return torch.cat(parts, dim=1)
-    kvf, sink = operand(kv, bf16), f32(sink)
-    logits = torch.einsum("bshc,bnc->bshn", operand(q, bf16), kvf) * scale
-    logits = logits.masked_fill(~allowed[:, :, None, :], float("-inf"))
-    mx = torch.maximum(logits.amax(dim=-1), sink).detach()  # any shift gives the same softmax
-    p = torch.exp(logits - mx[..., None])
-    denom = p.sum(dim=-1) + torch.exp(sink - mx)
-    o = torch.einsum("bshn,bnc->bshc", operand(p, bf16), kvf) / denom[..., None]
-    return as_dtype(o, q.dtype)
+    qf, sink = operand(q, bf16), f32(sink)
+    kvfs = [operand(kv, bf16) for kv, _ in sources]
+    logits = [
+        (torch.einsum("bshc,bnc->bshn", qf, kvf) * scale).masked_fill(
+            ~allowed[:, :, None, :], float("-inf")
+        )
+        for kvf, (_, allowed) in zip(kvfs, sources, strict=True)
+    ]
+    mx = sink.expand(b, s, h)
+    for lg in logits:  # any shift gives the same softmax
+        mx = torch.maximum(mx, lg.amax(dim=-1))
+    mx = mx.detach()
+    ps = [torch.exp(lg - mx[..., None]) for lg in logits]
+    denom = torch.exp(sink - mx)
+    o = None
+    for p, kvf in zip(ps, kvfs, strict=True):
+        denom = denom + p.sum(dim=-1)
+        part = torch.einsum("bshn,bnc->bshc", operand(p, bf16), kvf)
+        o = part if o is None else o + part
+    return as_dtype(o / denom[..., None], q.dtype)
 
 
 def operand(t: torch.Tensor, bf16: bool) -> torch.Tensor:

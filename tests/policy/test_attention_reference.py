@@ -11,7 +11,7 @@ import torch
 
 from policy.attention import Attention
 from policy.config import V4Config
-from policy.kernels import sparse_attention
+from policy.kernels import sources_attention, sparse_attention
 from policy.kernels.reference import reference_attention
 
 
@@ -86,3 +86,29 @@ def test_query_chunking_is_exact(monkeypatch):
     monkeypatch.setattr(policy.kernels, "MAX_BLOCK_ELEMS", 2 * 4 * 60 * 7)
     monkeypatch.setattr(policy.indexer, "MAX_BLOCK_ELEMS", 2 * 2 * 10 * 7)
     torch.testing.assert_close(attn(x, pos), whole, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_sources_attention_is_attention_over_the_joined_keys(bf16, monkeypatch):
+    """The decode step's softmax over the ring and the compressed entries, kept apart, equals
+    the one over their concatenation: rows that see nothing in one source, a source no query
+    sees, an empty source, and query chunks."""
+    import policy.kernels
+
+    g = torch.Generator().manual_seed(3)
+    b, s, h, c = 2, 5, 3, 16
+    q = torch.randn(b, s, h, c, generator=g)
+    kvs = [torch.randn(b, n, c, generator=g) for n in (7, 0, 11, 4)]
+    allowed = [torch.rand(b, s, kv.shape[1], generator=g) < 0.6 for kv in kvs]
+    allowed[0][:, 1] = False  # query 1 sees nothing of the first source
+    allowed[3][:] = False  # nobody sees the last source
+    sink = torch.randn(h, generator=g)
+    want = sparse_attention(q, torch.cat(kvs, 1), torch.cat(allowed, -1), sink, 0.25, bf16)
+    got = sources_attention(q, list(zip(kvs, allowed, strict=True)), sink, 0.25, bf16)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    monkeypatch.setattr(policy.kernels, "MAX_BLOCK_ELEMS", b * h * 22 * 2)  # chunks of 2 queries
+    chunked = sources_attention(q, list(zip(kvs, allowed, strict=True)), sink, 0.25, bf16)
+    torch.testing.assert_close(chunked, got, atol=1e-6, rtol=0)
+    assert torch.equal(
+        sources_attention(q, [(kvs[1], allowed[1])], sink, 0.25), torch.zeros_like(q)
+    )
