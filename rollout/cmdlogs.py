@@ -31,6 +31,7 @@ a result: syncing every call would cost a disk flush per tool call for nothing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -48,7 +49,14 @@ from rollout.config import (
     Config,
 )
 
-__all__ = ["LOG_DIR", "command_log_dir", "open_log", "remove_logs", "run_identity"]
+__all__ = [
+    "LOG_DIR",
+    "command_log_dir",
+    "open_log",
+    "remove_log_dir",
+    "remove_logs",
+    "run_identity",
+]
 
 LOG_DIR = "cmdlogs"
 FSYNC = "never"  # see the module doc
@@ -100,3 +108,12 @@ def remove_logs(root: str | None, group_ids: Iterable[str]) -> None:
         return
     for group_id in group_ids:
         shutil.rmtree(_group_dir(root, group_id), ignore_errors=True)
+
+
+def remove_log_dir(root: str | None) -> None:
+    """At the end of a run: removes the log directory if no log is left in it (the logs of
+    groups that never got stored stay, for a resume)."""
+    if root is None:
+        return
+    with contextlib.suppress(OSError):  # missing, or logs left in it
+        os.rmdir(root)

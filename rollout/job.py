@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rollout.cmdlogs import command_log_dir, remove_logs
+from rollout.cmdlogs import command_log_dir, remove_log_dir, remove_logs
 from rollout.config import JOB_RESUME_FREE, Config, ConfigError, changed_settings, from_dict
 from rollout.store import RunStore
 from rollout.types import Trajectory
@@ -163,6 +163,7 @@ class RolloutJob:
             bar.close()
             if self.pool is not None:
                 self.pool.close()
+        remove_log_dir(command_log_dir(self.config, self.run_dir))
         stats = self.pool.stats if self.pool is not None else Counter()
         return RunSummary(
             run_dir=str(self.run_dir),

@@ -59,8 +59,10 @@ class Sample:
 
 
 class Learner:
-    """The trained policy. ``rank``/``world_size``/``init_method`` join the data-parallel group
-    (``init_method`` e.g. ``tcp://127.0.0.1:PORT``; unused when ``learner.num_ranks`` is 1)."""
+    """The trained policy. With ``learner.num_ranks`` > 1 it joins the data-parallel group as
+    ``rank``, through ``store`` (``"host:port"`` of a ``torch.distributed.TCPStore`` that the
+    caller serves, as ``rollout.workers.LearnerGroup`` does) or ``init_method`` (e.g.
+    ``tcp://127.0.0.1:PORT``: rank 0 serves the store on that port)."""
 
     def __init__(
         self,
@@ -68,6 +70,7 @@ class Learner:
         *,
         rank: int = 0,
         init_method: str | None = None,
+        store: str | None = None,
         device: str | None = None,
     ) -> None:
         import policy
@@ -82,7 +85,7 @@ class Learner:
         self.rank = rank
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.world_size > 1:
-            self._join(init_method)
+            self._join(init_method, store)
         torch.manual_seed(self.config.run.seed)
         self.model = policy.V4Model(model_config(self.config)).to(self.device)
         self.model.train()
@@ -102,16 +105,27 @@ class Learner:
 
     # -- set-up ----------------------------------------------------------------------------------
 
-    def _join(self, init_method: str | None) -> None:
+    def _join(self, init_method: str | None, store: str | None) -> None:
         import torch.distributed as dist
 
-        if init_method is None:
-            raise ValueError(f"learner.num_ranks = {self.world_size} needs an init_method")
+        if (init_method is None) == (store is None):
+            raise ValueError(
+                f"learner.num_ranks = {self.world_size} needs one of init_method and store, "
+                f"got init_method={init_method!r}, store={store!r}"
+            )
         backend = "nccl" if self.device.type == "cuda" else "gloo"
-        if not dist.is_initialized():
+        if dist.is_initialized():
+            return
+        if store is None:
             dist.init_process_group(
                 backend, init_method=init_method, rank=self.rank, world_size=self.world_size
             )
+            return
+        host, _, port = store.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"store must be 'host:port', got {store!r}")
+        client = dist.TCPStore(host, int(port), is_master=False)
+        dist.init_process_group(backend, store=client, rank=self.rank, world_size=self.world_size)
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         c = self.config.learner

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from rollout.cmdlogs import command_log_dir, remove_logs
+from rollout.cmdlogs import command_log_dir, remove_log_dir, remove_logs
 from rollout.config import TRAIN_RESUME_FREE, Config, changed_settings
 from rollout.learner import latest_checkpoint
 
@@ -224,6 +224,7 @@ class Trainer:
             self._rl(store, start)
         finally:
             self.sampler.close()
+        remove_log_dir(command_log_dir(self.config, self.run_dir))
         summary = self._finish(time.perf_counter() - t_run)
         return summary
 

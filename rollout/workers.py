@@ -620,9 +620,10 @@ class LearnerGroup:
     - Every rank gets the whole batch (one ``ray.put``), trains on its share (sequences rank,
       rank + N, ...) and the gradients are summed over the ranks before the optimizer step
       (``Learner``), so every rank holds the same parameters after each step.
-    - Rendezvous: a TCP store on rank 0, which is pinned to the driver's node (its address is
-      the driver's node address and a port free there); the other ranks go wherever Ray places
-      them. gloo on CPU, NCCL when the ranks see a GPU.
+    - Rendezvous: a TCP store served by this object in the driver, on a port the system picks
+      when it binds (no port is chosen first and bound later, so nothing can take it between);
+      rank 0 is pinned to the driver's node, the other ranks go wherever Ray places them. gloo
+      on CPU, NCCL when the ranks see a GPU.
     - Rank 0 publishes the weights (``weights()`` returns an ObjectRef of its state dict: the
       rollout workers fetch it from rank 0's object store without a copy through the driver)
       and writes checkpoints (in the run directory on the driver's node). ``load`` reads a
@@ -635,8 +636,7 @@ class LearnerGroup:
     """
 
     def __init__(self, config: Config, *, reserve_cpus: float = 0.0) -> None:
-        import socket
-
+        import torch.distributed as dist
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         from rollout.learner import Learner
@@ -657,10 +657,8 @@ class LearnerGroup:
         self.version = 0
         self.actors: list[Any] = []
         ip = ray.util.get_node_ip_address()
-        with socket.socket() as s:  # free now on this node, where rank 0 binds it
-            s.bind((ip, 0))
-            port = s.getsockname()[1]
-        init_method = f"tcp://{ip}:{port}"
+        self._store = dist.TCPStore(ip, 0, is_master=True, wait_for_workers=False)
+        store = f"{ip}:{self._store.port}"
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         cls = ray.remote(Learner)
         settings = config.to_dict()
@@ -669,7 +667,7 @@ class LearnerGroup:
                 options: dict[str, Any] = {"num_cpus": cpus, "max_restarts": 0}
                 if rank == 0:
                     options["scheduling_strategy"] = here
-                actor = cls.options(**options).remote(settings, rank=rank, init_method=init_method)
+                actor = cls.options(**options).remote(settings, rank=rank, store=store)
                 self.actors.append(actor)
             self._gather([a.info.remote() for a in self.actors], "start")
         except BaseException:
@@ -745,6 +743,7 @@ class LearnerGroup:
             ray.wait([a.close.remote() for a in actors], num_returns=len(actors), timeout=10.0)
         for a in actors:
             ray.kill(a, no_restart=True)
+        self._store = None  # stops serving the rendezvous
 
 
 def make_learner(config: Config, *, reserve_cpus: float = 0.0) -> Any:

@@ -151,6 +151,20 @@ def _rank_main(rank: int, port: int, out: str) -> None:
     learner.close()
 
 
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({}, "needs one of init_method and store"),
+        ({"init_method": "tcp://127.0.0.1:1", "store": "127.0.0.1:1"}, "needs one of"),
+        ({"store": "127.0.0.1"}, "store must be 'host:port', got '127.0.0.1'"),
+        ({"store": "host:port"}, "got 'host:port'"),
+    ],
+)
+def test_a_rank_needs_one_valid_rendezvous(kw, message):
+    with pytest.raises(ValueError, match=message):
+        Learner(_config("learner.num_ranks=2"), rank=1, **kw)
+
+
 def test_two_gloo_ranks_match_one_rank(tmp_path):
     one = Learner(_config())
     m1 = one.train_step(_batch())
