@@ -363,11 +363,10 @@ def _expected_layer(p: dict, kind: str, hash_layer: bool) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["flash", "pro"])
-def test_meta_model_has_the_official_keys_and_shapes(preset: str) -> None:
+def test_meta_model_has_the_official_keys_and_shapes(preset: str, meta_model) -> None:
     p = SPEC[preset]
     d = p["d"]
-    with torch.device("meta"):
-        model = V4Model(V4Config.from_preset(preset))
+    model = meta_model(preset)
     specs = official_tensor_specs(model.state_dict())
 
     def under(prefix: str) -> dict:

@@ -142,10 +142,8 @@ OFFICIAL = {
 
 
 @pytest.mark.parametrize("name", ["flash", pytest.param("pro", marks=pytest.mark.slow)])
-def test_meta_official_counts(name):
-    cfg = V4Config.from_preset(name)
-    with torch.device("meta"):
-        model = V4Model(cfg)
+def test_meta_official_counts(name, meta_model):
+    model = meta_model(name)
     main = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("mtp."))
     mtp = sum(p.numel() for n, p in model.named_parameters() if n.startswith("mtp."))
     assert abs(main - OFFICIAL[name]["main"]) < 0.05e9, main
