@@ -41,13 +41,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from rollout.config import (
-    JOB_RESUME_FREE,
-    RESUME_FREE_KEYS,
-    RESUME_FREE_SECTIONS,
-    TRAIN_RESUME_FREE,
-    Config,
-)
+from rollout.config import JOB_RESUME_FREE, TRAIN_RESUME_FREE, Config, resume_kept
 
 __all__ = [
     "LOG_DIR",
@@ -73,12 +67,7 @@ def command_log_dir(config: Config, run_dir: str | os.PathLike[str]) -> str | No
 def run_identity(config: Config) -> str:
     """The task id of a run's logs: the task name and a digest of every setting a resumed
     run keeps (the same on every worker and after ``--resume``)."""
-    free = RESUME_FREE_KEYS | JOB_RESUME_FREE | TRAIN_RESUME_FREE
-    kept = {
-        section: {k: v for k, v in values.items() if (section, k) not in free}
-        for section, values in config.to_dict().items()
-        if section not in RESUME_FREE_SECTIONS
-    }
+    kept = resume_kept(config.to_dict(), JOB_RESUME_FREE | TRAIN_RESUME_FREE)
     text = json.dumps(kept, sort_keys=True, default=repr)
     return f"{config.task.name}/{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 

@@ -355,19 +355,29 @@ JOB_RESUME_FREE = frozenset({("task", "num_prompts")})  # rollout.job
 TRAIN_RESUME_FREE = frozenset({("rl", "steps")})  # rollout.train
 
 
+def resume_kept(
+    settings: dict[str, Any], free: frozenset[tuple[str, str]]
+) -> dict[str, dict[str, Any]]:
+    """The settings (``Config.to_dict`` form) a resumed run must keep: all but the
+    ``RESUME_FREE_*`` sets and ``free``."""
+    free = RESUME_FREE_KEYS | free
+    return {
+        section: {k: v for k, v in values.items() if (section, k) not in free}
+        for section, values in settings.items()
+        if section not in RESUME_FREE_SECTIONS
+    }
+
+
 def changed_settings(
     now: dict[str, Any], stored: dict[str, Any], free: frozenset[tuple[str, str]]
 ) -> list[str]:
     """``section.key`` of each setting of ``now`` that differs from ``stored`` (both in
-    ``Config.to_dict`` form), except what a resume may change (the ``RESUME_FREE_*`` sets and
-    ``free``)."""
-    free = RESUME_FREE_KEYS | free
+    ``Config.to_dict`` form), except what a resume may change (see :func:`resume_kept`)."""
     return [
         f"{section}.{key}"
-        for section, values in now.items()
-        if section not in RESUME_FREE_SECTIONS
+        for section, values in resume_kept(now, free).items()
         for key, value in values.items()
-        if (section, key) not in free and stored.get(section, {}).get(key) != value
+        if stored.get(section, {}).get(key) != value
     ]
 
 

@@ -492,6 +492,17 @@ impl Sandbox {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The call mutex, for the process that created the sandbox only. The owner is checked
+    /// first: in a forked child the mutex may be held for good (by a parent thread).
+    fn owned_lock(&self) -> Result<std::sync::MutexGuard<'_, Inner>> {
+        if std::process::id() != self.owner {
+            return Err(Error::Sandbox(
+                "this sandbox belongs to the process that created it (used after fork)".into(),
+            ));
+        }
+        Ok(self.lock())
+    }
+
     /// Closes the sandbox in bounded time: a running call is killed (it returns
     /// `SandboxClosedError`), the init sees end of stream and exits, the kernel kills every
     /// process in its pid namespace, the outer init removes the cgroup. An init that does not
@@ -549,13 +560,7 @@ impl Sandbox {
         accounting: bool,
         interrupt: Interrupt<'_>,
     ) -> Result<(Vec<u8>, CallStats)> {
-        // Before the lock: in a forked child it may be held for good (by a parent thread).
-        if std::process::id() != self.owner {
-            return Err(Error::Sandbox(
-                "this sandbox belongs to the process that created it (used after fork)".into(),
-            ));
-        }
-        let mut g = self.lock();
+        let mut g = self.owned_lock()?;
         let Some(sock) = g.sock.as_mut() else {
             return Err(Error::Closed);
         };
@@ -863,13 +868,7 @@ impl Sandbox {
     /// Runs one file-API exchange on the control socket (under the call mutex). An I/O
     /// failure means the init is gone: the sandbox is torn down and closed.
     fn exchange<T>(&self, f: impl FnOnce(&mut UnixStream) -> std::io::Result<T>) -> Result<T> {
-        // Before the lock: in a forked child it may be held for good (by a parent thread).
-        if std::process::id() != self.owner {
-            return Err(Error::Sandbox(
-                "this sandbox belongs to the process that created it (used after fork)".into(),
-            ));
-        }
-        let mut g = self.lock();
+        let mut g = self.owned_lock()?;
         let Some(sock) = g.sock.as_mut() else {
             return Err(Error::Closed);
         };
@@ -964,12 +963,7 @@ impl Sandbox {
     /// [`crate::snapshot`]). No call runs meanwhile (the call mutex is held); background
     /// processes keep running, so what they write during the copy may or may not be in it.
     pub fn export_workspace(&self, dest: &std::path::Path) -> Result<crate::snapshot::Exported> {
-        if std::process::id() != self.owner {
-            return Err(Error::Sandbox(
-                "this sandbox belongs to the process that created it (used after fork)".into(),
-            ));
-        }
-        let g = self.lock();
+        let g = self.owned_lock()?;
         if g.sock.is_none() || self.is_closed() {
             return Err(Error::Closed);
         }

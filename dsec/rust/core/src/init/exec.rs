@@ -1,9 +1,9 @@
 //! One exec call: a reaper, pid 1 of a fresh pid namespace, forks the command, which confines
-//! itself and execs. When the command exits, the reaper reports its status and exits, and the
-//! kernel kills every process left in that namespace (background jobs, setsid/double-fork
-//! daemons, nohup). On timeout the init SIGKILLs the reaper with the same effect. The reaper is
-//! pid 1 of its namespace, so the command cannot signal it; the init lives in the parent
-//! namespace, out of reach.
+//! itself and execs. When the command exits, the reaper kills and reaps every process left in
+//! that namespace (background jobs, setsid/double-fork daemons, nohup), reports, and exits. On
+//! timeout or cancel the init SIGKILLs the reaper and the kernel kills the namespace. The
+//! reaper is pid 1 of its namespace, so the command cannot signal it; the init lives in the
+//! parent namespace, out of reach.
 //!
 //! Exec calls run on a reaper started ahead of them (`super::warm`); background processes
 //! (`spawn`) on one started with the command ([`start_reaper`]).
@@ -176,8 +176,9 @@ impl Report {
         r
     }
 
-    /// Reads the report without waiting for the reaper to exit: one read, since it was
-    /// written whole. Empty (no status) when the reaper died without writing it.
+    /// Reads the report once the pipe is readable (the report, or end of file once the reaper
+    /// is gone), without waiting for the reaper to exit: one read, since it was written whole.
+    /// Empty (no status) when the reaper died without writing it.
     pub(super) fn read(sr: RawFd) -> Report {
         let mut buf = [0u8; 2 * MAX_ERROR];
         loop {

@@ -1,7 +1,8 @@
 //! Resetting a sandbox for its next user (`SandboxPool`): the init kills every background
 //! process and the warm Python server, empties /workspace, /tmp and /dev/shm, and removes the
-//! System V IPC objects and POSIX message queues of its ipc namespace. The namespaces, the cgroup, the uid and the
-//! confinement are kept, so a reset costs a few syscalls instead of a new sandbox.
+//! System V IPC objects and POSIX message queues of its ipc namespace. The namespaces, the
+//! cgroup, the uid and the confinement are kept, so a reset costs a few syscalls instead of a
+//! new sandbox.
 //!
 //! Deletion walks each tree with directory fds (`openat(O_NOFOLLOW | O_DIRECTORY)`,
 //! `unlinkat`), never following a symlink; the init's `CAP_DAC_OVERRIDE` and `CAP_FOWNER`

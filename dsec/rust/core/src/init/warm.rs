@@ -15,7 +15,7 @@ use super::exec::{
     Report,
 };
 use super::pump::{pump, HostGone};
-use crate::sys::{close, cvt, pipe, set_nonblock};
+use crate::sys::{close, cvt, pipe};
 use crate::wire;
 use std::fs::File;
 use std::mem::ManuallyDrop;
@@ -25,6 +25,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// A reaper started before its call; its child is confined and waits for the command.
 pub struct Warm {
     reaper: libc::pid_t,
+    /// Set by the child when it has the command (the page `Reapers` shares).
+    took: &'static AtomicBool,
     job_w: RawFd,
     sr: RawFd,
     out_r: RawFd,
@@ -39,7 +41,7 @@ impl Warm {
         conf: &Confinement,
         devnull: RawFd,
         patient: bool,
-        took: &AtomicBool,
+        took: &'static AtomicBool,
     ) -> Result<Warm, String> {
         let fail = |made: &[RawFd], e: std::io::Error| {
             made.iter().for_each(|&fd| close(fd));
@@ -71,9 +73,9 @@ impl Warm {
         for fd in [out_w, err_w, in_r, sw, job_r] {
             close(fd);
         }
-        let _ = set_nonblock(sr);
         Ok(Warm {
             reaper,
+            took,
             job_w,
             sr,
             out_r,
@@ -115,7 +117,6 @@ impl Warm {
         self,
         job: &Job,
         ctrl: RawFd,
-        took: &AtomicBool,
         exiting: &mut Vec<libc::pid_t>,
     ) -> Option<Result<Outcome, String>> {
         let mut pipe = ManuallyDrop::new(unsafe { File::from_raw_fd(self.job_w) });
@@ -176,7 +177,7 @@ impl Warm {
         if let Some(m) = report.error {
             return Some(Err(format!("cannot confine the command: {m}")));
         }
-        if !took.load(Ordering::SeqCst) && !pumped.timed_out && !pumped.cancelled {
+        if !self.took.load(Ordering::SeqCst) && !pumped.timed_out && !pumped.cancelled {
             return None;
         }
         Some(Ok(Outcome {
@@ -260,7 +261,7 @@ impl Reapers {
                     Warm::start(conf, devnull, true, self.took)?
                 }
             };
-            if let Some(r) = w.run(job, ctrl, self.took, &mut self.exiting) {
+            if let Some(r) = w.run(job, ctrl, &mut self.exiting) {
                 return r;
             }
         }
