@@ -108,6 +108,8 @@ class Sandbox(_native.Sandbox):
     def __new__(
         cls, *, snapshot: Snapshot | None = None, spare: bool = True, **kwargs: Any
     ) -> Sandbox:
+        if not isinstance(spare, bool):
+            raise PolicyError(f"spare must be True or False, got {spare!r}")
         if snapshot is None:
             if not spare or cls is not Sandbox or "_handoff" in kwargs:
                 return super().__new__(cls, **kwargs)

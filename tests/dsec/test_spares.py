@@ -119,6 +119,8 @@ def test_spares_bad_input():
     with pytest.raises(dsec.PolicyError, match="memory_bytes"):
         dsec.Sandbox(memory_bytes=1)
     assert dsec.spare_stats(memory_bytes=1)["ready"] == 0  # a failed creation keeps no spares
+    with pytest.raises(dsec.PolicyError, match="spare must be True or False, got 'no'"):
+        dsec.Sandbox(spare="no", **LIMITS)
 
 
 def test_bad_dsec_auto_spares_is_named(monkeypatch):
