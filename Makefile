@@ -14,7 +14,7 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-RUST_SOURCES := $(shell find dsec/rust -name '*.rs' -o -name '*.py' -o -name Cargo.toml 2>/dev/null) Cargo.toml Cargo.lock
+RUST_SOURCES := $(shell find dsec/rust policy/rust -name '*.rs' -o -name '*.py' -o -name Cargo.toml 2>/dev/null) Cargo.toml Cargo.lock
 
 .DEFAULT_GOAL := help
 
@@ -30,6 +30,10 @@ $(VENV)/.deps: requirements.txt
 
 $(VENV)/.build: $(VENV)/.deps $(RUST_SOURCES)
 	$(VENV)/bin/maturin develop --release -q
+	# The policy's CPU kernels: a plain C-ABI library loaded by policy.kernels.cpu_indexer.
+	# `install` replaces the file (a new inode), so a process that has the old one loaded keeps it.
+	cargo build --release -q -p policy-kernels
+	install -m 755 target/release/libv4cpu.so policy/kernels/_v4cpu.so
 	@touch $@
 
 .PHONY: setup
@@ -64,7 +68,7 @@ test: setup lint ## set up, lint, then cargo test + pytest
 	# The Rust unit tests are dsec-core's: a debug build of that crate alone compiles in about
 	# 15 s, where `--workspace --release` rebuilds pyo3 and LTO for the test harness (about 60 s).
 	# clippy --all-targets (lint) already compiles every crate's tests.
-	cargo test -p dsec-core -q
+	cargo test -p dsec-core -p policy-kernels -q
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 .PHONY: bench

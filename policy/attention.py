@@ -33,6 +33,7 @@ from policy.config import V4Config
 from policy.indexer import Indexer, index_scores, topk_indices
 from policy.kernels import attention_core, sources_attention
 from policy.kernels.blocksparse import CompressedKeys, chunk_attention, chunk_queries, timeline
+from policy.kernels.cpu_indexer import cpu_indexer_topk
 from policy.layers import Linear, QLinear, RMSNorm, unit_rms
 from policy.quant import bf16_attention, bf16_unit_rms
 from policy.rope import apply_rope, rope_inv_freq, rope_tables
@@ -104,7 +105,7 @@ class Attention(nn.Module):
         if official:
             o = bf16_attention(q, keys, allowed, self.attn_sink, self.softmax_scale)
         else:
-            o = attention_core(q, keys, allowed, self.attn_sink, self.softmax_scale, cfg.attn_impl)
+            o = attention_core(q, keys, allowed, self.attn_sink, self.softmax_scale, cfg.core_impl)
         return self._output(o, pos, rope)
 
     def _queries(self, x, pos, rope):
@@ -248,7 +249,7 @@ class Attention(nn.Module):
                 iq, iw = self.indexer.queries(qr, xc, pc, self.inv_freq, rc)
                 part.select = functools.partial(self._select_chunk, part, iq, iw, ik)
             o = chunk_attention(
-                q, kvp, prev_ok, a, w, part, sink, scale, cfg.attn_impl, cfg.numerics
+                q, kvp, prev_ok, a, w, part, sink, scale, cfg.core_impl, cfg.numerics
             )
             outs.append(self._output(o, pc, rc))
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
@@ -300,8 +301,14 @@ class Attention(nn.Module):
                 if ientry is not None:  # the same rows complete the indexer's block
                     cache.index.write(er, es, ientry[emit])
                 iq, iw = self.indexer.queries(qr, x, pos, self.inv_freq, rope)
-                scores = index_scores(iq, iw, cache.index.read(n), self.cfg.numerics)  # [B, 1, N]
-                idx = topk_indices(scores, vis[:, None], self.cfg.index_topk)[:, 0]  # [B, K]
+                if self.cfg.attn_impl == "cpu":  # native: scores + top-k on the stored keys
+                    keys_n, block = cache.index.stored(n)
+                    idx = cpu_indexer_topk(
+                        iq, iw, keys_n, nvis[:, None], self.cfg.index_topk, packed_block=block
+                    )[:, 0]
+                else:
+                    scores = index_scores(iq, iw, cache.index.read(n), self.cfg.numerics)
+                    idx = topk_indices(scores, vis[:, None], self.cfg.index_topk)[:, 0]  # [B, K]
                 keys.append(cache.comp.gather(idx.clamp(min=0)))
                 allowed.append(idx >= 0)
             else:

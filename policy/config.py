@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 KV_DTYPES = ("fp8", "bfloat16", "float32")
-ATTN_IMPLS = ("torch", "triton")
+ATTN_IMPLS = ("torch", "triton", "cpu")
 ATTN_PATHS = ("blocksparse", "dense")
 NUMERICS = ("reference", "official")
 
@@ -71,7 +71,10 @@ class V4Config:
             "triton" (Triton kernels of policy.kernels, forward only: compressed attention over
             the window and the chosen / visible entries, decode reading the cache's stored FP8
             bytes, fused indexer scores + top-k, compressor pooling; on CPU tensors it needs
-            the Triton interpreter, TRITON_INTERPRET=1).
+            the Triton interpreter, TRITON_INTERPRET=1) or "cpu" (the torch kernels, with the
+            decode step's lightning indexer fused with its top-k in a native CPU kernel that
+            reads the indexer keys as stored, policy.kernels.cpu_indexer; built by
+            ``make build``): the fastest CPU decode.
         attn_path: how the full-sequence forward and the cached extend lay out their keys:
             "blocksparse" (default; per query chunk only the window slice and the visible or
             selected compressed entries, policy.kernels.blocksparse: memory O(S (W + k))) or
@@ -83,8 +86,8 @@ class V4Config:
             BF16 before every quantiser, amax floors, BF16 index scores, attention with BF16
             operands; see policy.quant). Every path follows it: full forward (training, the
             learner's logprobs), prefill, cached extend and decode, on either ``attn_path``.
-            "official" needs ``attn_impl`` "torch": the Triton kernels compute in reference
-            numerics only.
+            "official" needs ``attn_impl`` "torch": the Triton and CPU kernels compute in
+            reference numerics only.
     """
 
     vocab_size: int = 129280
@@ -175,7 +178,7 @@ class V4Config:
             raise ValueError(f"numerics must be one of {NUMERICS}, got {self.numerics!r}")
         if self.numerics == "official" and self.attn_impl != "torch":
             raise ValueError(
-                f"numerics='official' needs attn_impl='torch' (the Triton kernels do not apply "
+                f"numerics='official' needs attn_impl='torch' (the Triton / CPU kernels do not apply "
                 f"the official rounding), got attn_impl={self.attn_impl!r}"
             )
         if self.kv_dtype not in KV_DTYPES:
@@ -238,6 +241,12 @@ class V4Config:
     def nope_head_dim(self) -> int:
         """Dims of a KV vector without RoPE (FP8 in the cache)."""
         return self.head_dim - self.qk_rope_head_dim
+
+    @property
+    def core_impl(self) -> str:
+        """The attention core of ``attn_impl``: "triton", else "torch" ("cpu" runs the torch
+        cores; only its decode indexer is native)."""
+        return "triton" if self.attn_impl == "triton" else "torch"
 
     def layer_kind(self, layer_id: int) -> str:
         """ "swa", "csa" or "hca" for block ``layer_id`` (MTP blocks follow the main layers)."""

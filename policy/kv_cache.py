@@ -85,6 +85,13 @@ class EntryStore:
             return self.mirror[:, :n]
         return self.decode(self.data[:, :n])
 
+    def stored(self, n: int) -> tuple[torch.Tensor, int | None]:
+        """The first n entries of every row as kernels read them: (the stored MXFP4 rows
+        [B, n, E] uint8, the scale block) for FP4 indexer keys, else (fp32 [B, n, c], None)."""
+        if self.kind == "index" and self.layout.index_dtype == "fp4":
+            return self.data[:, :n], self.layout.index_block
+        return self.read(n), None
+
     def gather(self, idx: torch.Tensor) -> torch.Tensor:
         """Entries idx [B, K] (>= 0) of each row, fp32 [B, K, c]."""
         rows = torch.arange(idx.shape[0], device=idx.device)[:, None]
