@@ -85,4 +85,4 @@ bench: setup ## run the benchmarks (tables printed, JSON under bench/results/)
 .PHONY: clean
 clean: ## remove build outputs (keeps .venv)
 	cargo clean
-	rm -f $(VENV)/.build
+	rm -f $(VENV)/.build policy/kernels/_v4cpu.so

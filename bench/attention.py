@@ -93,21 +93,24 @@ def _layer(cfg, kind: str):
     return attn
 
 
-def _filled_cache(attn, n: int):
-    """A one-row LayerCache holding n tokens of random entries (ring, compressed, indexer)."""
+def _filled_cache(attn, n: int, batch: int):
+    """A LayerCache of ``batch`` rows, each holding n tokens of its own random entries (ring,
+    compressed, indexer)."""
     import torch
 
     from policy.kv_cache import LayerCache
 
     cfg = attn.cfg
-    cache = LayerCache(cfg, attn.layer_id, 1, n + 64, "cpu")
+    cache = LayerCache(cfg, attn.layer_id, batch, n + 64, "cpu")
     g = torch.Generator().manual_seed(0)
 
     def fill(store, count, dim, step=8192):
-        for a in range(0, count, step):
-            e = min(count, a + step)
-            slots = torch.arange(a, e)
-            store.write(torch.zeros_like(slots), slots, torch.randn(e - a, dim, generator=g))
+        for row in range(batch):
+            for a in range(0, count, step):
+                e = min(count, a + step)
+                slots = torch.arange(a, e)
+                rows = torch.full_like(slots, row)
+                store.write(rows, slots, torch.randn(e - a, dim, generator=g))
 
     fill(cache.window, cfg.sliding_window, cfg.head_dim)
     if attn.kind != "swa":
@@ -118,27 +121,29 @@ def _filled_cache(attn, n: int):
 
 
 def _dense_lean(q, keys, sink, scale):
-    """q [H, c], keys [n, c] -> [H, c]: softmax with the sink over all keys, two matmuls."""
+    """q [B, H, c], keys [B, n, c] -> [B, H, c]: softmax with the sink over all keys, two
+    matmuls."""
     import torch
 
-    logits = torch.mm(keys, q.T) * scale  # [n, H]
-    mx = torch.maximum(logits.amax(dim=0), sink)
-    p = torch.exp(logits - mx)
-    denom = p.sum(dim=0) + torch.exp(sink - mx)
-    return torch.mm(p.T, keys) / denom[:, None]
+    logits = torch.bmm(keys, q.transpose(1, 2)) * scale  # [B, n, H]
+    mx = torch.maximum(logits.amax(dim=1), sink)  # [B, H]
+    p = torch.exp(logits - mx[:, None])
+    denom = p.sum(dim=1) + torch.exp(sink - mx)
+    return torch.bmm(p.transpose(1, 2), keys) / denom[..., None]
 
 
-def _dense(n: int, h: int, c: int, repeats: int) -> dict:
-    """The dense baseline at n keys: the faster of the project's core and the lean version."""
+def _dense(n: int, h: int, c: int, repeats: int, batch: int) -> dict:
+    """The dense baseline at n keys per row: the faster of the project's core and the lean
+    version."""
     import torch
 
     from policy.kernels import sparse_attention
 
-    keys, q, sink = torch.randn(n, c), torch.randn(h, c), torch.zeros(h)
-    allowed = torch.ones(1, 1, n, dtype=torch.bool)
+    keys, q, sink = torch.randn(batch, n, c), torch.randn(batch, h, c), torch.zeros(h)
+    allowed = torch.ones(batch, 1, n, dtype=torch.bool)
     scale = c**-0.5
     t_core, m_core = _timed(
-        lambda: sparse_attention(q[None, None], keys[None], allowed, sink, scale), repeats
+        lambda: sparse_attention(q[:, None], keys, allowed, sink, scale), repeats
     )
     t_lean, m_lean = _timed(lambda: _dense_lean(q, keys, sink, scale), repeats)
     best = min((t_core, m_core), (t_lean, m_lean))
@@ -150,17 +155,19 @@ def _dense(n: int, h: int, c: int, repeats: int) -> dict:
     }
 
 
-def _compressed(cfg, kind: str, n: int, repeats: int) -> dict:
-    """Decode-step attention and whole-layer times of one ``kind`` layer at n cached tokens."""
+def _compressed(cfg, kind: str, n: int, repeats: int, batch: int) -> dict:
+    """Decode-step attention and whole-layer times of one ``kind`` layer at n cached tokens per
+    row. CSA runs with attn_impl "cpu" (the fastest CPU path: the native indexer kernel on the
+    stored keys) and, for comparison, "torch" (the indexer as torch ops on the fp32 mirror)."""
     import torch
 
     from policy.kernels import sources_attention
     from policy.rope import apply_rope, rope_tables
 
-    attn = _layer(cfg, kind)
-    cache = _filled_cache(attn, n)
-    x = torch.randn(1, 1, cfg.hidden_size)
-    pos = torch.tensor([[n]])
+    attn = _layer(cfg.replace(attn_impl="cpu") if kind == "csa" else cfg, kind)
+    cache = _filled_cache(attn, n, batch)
+    x = torch.randn(batch, 1, cfg.hidden_size)
+    pos = torch.full((batch, 1), n)
     rope = rope_tables(pos, attn.inv_freq, x.device)
     kv = apply_rope(attn.kv_norm(attn.wkv(x)), pos, attn.inv_freq, tables=rope)
     qr, q = attn._queries(x, pos, rope)
@@ -172,7 +179,13 @@ def _compressed(cfg, kind: str, n: int, repeats: int) -> dict:
     t_att, m_att = _timed(step, repeats)
     t_lay, m_lay = _timed(lambda: attn(x, pos, cache), repeats)
     n_comp = n // attn.ratio
+    extra = {}
+    if kind == "csa":  # the torch indexer reads the fp32 mirror a "torch" cache keeps
+        attn.cfg = cfg.replace(attn_impl="torch")
+        cache.index.mirror = cache.index.decode(cache.index.data)
+        extra["csa_torch_attn_ms"] = 1e3 * _timed(step, repeats)[0]
     return {
+        **extra,
         f"{kind}_attn_ms": 1e3 * t_att,
         f"{kind}_attn_peak_mib": m_att / 2**20,
         f"{kind}_layer_ms": 1e3 * t_lay,
@@ -182,7 +195,7 @@ def _compressed(cfg, kind: str, n: int, repeats: int) -> dict:
     }
 
 
-def child(n: int, repeats: int, preset: str) -> dict:
+def child(n: int, repeats: int, preset: str, batch: int) -> dict:
     import torch
 
     from policy.config import V4Config
@@ -190,11 +203,11 @@ def child(n: int, repeats: int, preset: str) -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     cfg = V4Config.from_preset(preset, max_position_embeddings=n + 64, dtype="float32")
-    out: dict = {"tokens": n, "preset": preset}
+    out: dict = {"tokens": n, "preset": preset, "batch": batch}
     with torch.inference_mode():
-        out.update(_dense(n, cfg.num_attention_heads, cfg.head_dim, repeats))
+        out.update(_dense(n, cfg.num_attention_heads, cfg.head_dim, repeats, batch))
         for kind in ("csa", "hca"):
-            out.update(_compressed(cfg, kind, n, repeats))
+            out.update(_compressed(cfg, kind, n, repeats, batch))
     return out
 
 
@@ -272,28 +285,30 @@ def analytic(t: int = 1 << 20) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- driver
-def _run_child(n: int, repeats: int, preset: str) -> dict:
+def _run_child(n: int, repeats: int, preset: str, batch: int) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    cmd = [sys.executable, __file__, "--child", str(n), str(repeats), preset]
+    cmd = [sys.executable, __file__, "--child", str(n), str(repeats), preset, str(batch)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
-        raise RuntimeError(f"{preset} {n} failed:\n{done.stderr[-4000:]}")
+        raise RuntimeError(f"{preset} {n} batch {batch} failed:\n{done.stderr[-4000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"  {preset} {n // K}K: {json.dumps(result)}", flush=True)
+    print(f"  {preset} {n // K}K x{batch}: {json.dumps(result)}", flush=True)
     return result
 
 
 def _report(res: dict) -> None:
     print(
-        "\n| widths | context | dense | CSA attention | dense / CSA | HCA attention | dense / HCA "
-        "| CSA layer | HCA layer | peak MiB dense / CSA / HCA |"
-        "\n|---|---|---|---|---|---|---|---|---|---|"
+        "\n| widths | context | batch | dense | CSA attention | dense / CSA | CSA, torch indexer "
+        "| HCA attention | dense / HCA | CSA layer | HCA layer | peak MiB dense / CSA / HCA |"
+        "\n|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     for r in res["cpu"]:
         d = r["dense_ms"]
         print(
-            f"| {r['preset']} | {r['tokens'] // K}K | {d:.2f} ms | {r['csa_attn_ms']:.2f} ms "
-            f"| {d / r['csa_attn_ms']:.1f}x | {r['hca_attn_ms']:.2f} ms "
+            f"| {r['preset']} | {r['tokens'] // K}K | {r['batch']} | {d:.2f} ms "
+            f"| {r['csa_attn_ms']:.2f} ms | {d / r['csa_attn_ms']:.1f}x "
+            f"| {r['csa_torch_attn_ms']:.2f} ms ({d / r['csa_torch_attn_ms']:.1f}x) "
+            f"| {r['hca_attn_ms']:.2f} ms "
             f"| {d / r['hca_attn_ms']:.1f}x | {r['csa_layer_ms']:.2f} ms "
             f"| {r['hca_layer_ms']:.2f} ms | {r['dense_peak_mib']:.1f} / "
             f"{r['csa_attn_peak_mib']:.1f} / {r['hca_attn_peak_mib']:.1f} |"
@@ -319,6 +334,13 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[8, 32, 128], help="in K tokens")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument(
+        "--batch",
+        type=int,
+        nargs="+",
+        default=[1, 8],
+        help="decode rows per step (each its own n-token cache); demo widths run each",
+    )
+    ap.add_argument(
         "--flash-widths",
         type=int,
         nargs="*",
@@ -326,20 +348,22 @@ def main() -> None:
         help="contexts (K tokens) also run with one layer of flash widths (none: skip)",
     )
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "attention.json")
-    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        n, repeats, preset = args.child
-        print(json.dumps(child(int(n), int(repeats), preset)))
+        n, repeats, preset, batch = args.child
+        print(json.dumps(child(int(n), int(repeats), preset, int(batch))))
         return
-    runs = [(n, "demo", args.repeats) for n in args.contexts]
-    runs += [(n, "flash", min(args.repeats, 5)) for n in args.flash_widths]
+    if any(b < 1 for b in args.batch):
+        ap.error(f"--batch values must be >= 1, got {args.batch}")
+    runs = [(n, "demo", args.repeats, b) for b in args.batch for n in args.contexts]
+    runs += [(n, "flash", min(args.repeats, 5), 1) for n in args.flash_widths]
     res: dict = {
         "machine": platform.machine(),
         "threads": 1,
         "clock": "thread CPU time",
         "repeats": args.repeats,
-        "cpu": [_run_child(n * K, r, preset) for n, preset, r in runs],
+        "cpu": [_run_child(n * K, r, preset, b) for n, preset, r, b in runs],
         "analytic": analytic(),
     }
     _report(res)

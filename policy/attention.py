@@ -275,9 +275,10 @@ class Attention(nn.Module):
 
     # ------------------------------------------------------------------ decode
     def _decode_sources(self, x, qr, kv, pos, cache, rope):
-        """The keys of one token per row, by source: [(ring [B, W, c], allowed [B, 1, W]),
-        (compressed entries [B, K, c], allowed [B, 1, K])] (the ring alone for SWA), views of
-        the cache where they can be (the ring, HCA's entries), never joined."""
+        """The keys of one token per row, by source: [(ring [B, W, c], allowed [B, 1, W])] and,
+        for HCA, (its visible entries [B, N, c], allowed [B, 1, N]), both views of the cache,
+        never joined. CSA gives one source, the ring joined with its K chosen entries (they are
+        gathered, a copy either way; one source is half the softmax's small ops)."""
         p = pos[:, 0]  # [B]
         b, w, m = x.shape[0], self.window, self.ratio
         rows = torch.arange(b, device=x.device)
@@ -293,7 +294,6 @@ class Attention(nn.Module):
                 cache.comp.write(er, es, entry[emit])
             nvis = (p + 1) // m  # [B] visible compressed entries
             n = int(nvis.max())
-            vis = torch.arange(n, device=x.device)[None] < nvis[:, None]  # [B, N]
             if self.kind == "csa":
                 ientry, _ = self.indexer.compressor.step(
                     x, p, cache.ikv_state, cache.isc_state, self.inv_freq
@@ -301,17 +301,18 @@ class Attention(nn.Module):
                 if ientry is not None:  # the same rows complete the indexer's block
                     cache.index.write(er, es, ientry[emit])
                 iq, iw = self.indexer.queries(qr, x, pos, self.inv_freq, rope)
+                k = self.cfg.index_topk
                 if self.cfg.attn_impl == "cpu":  # native: scores + top-k on the stored keys
-                    keys_n, block = cache.index.stored(n)
-                    idx = cpu_indexer_topk(
-                        iq, iw, keys_n, nvis[:, None], self.cfg.index_topk, packed_block=block
-                    )[:, 0]
+                    stored, block = cache.index.stored(n)
+                    idx = cpu_indexer_topk(iq, iw, stored, nvis[:, None], k, packed_block=block)
                 else:
                     scores = index_scores(iq, iw, cache.index.read(n), self.cfg.numerics)
-                    idx = topk_indices(scores, vis[:, None], self.cfg.index_topk)[:, 0]  # [B, K]
-                keys.append(cache.comp.gather(idx.clamp(min=0)))
-                allowed.append(idx >= 0)
+                    vis = torch.arange(n, device=x.device)[None, None] < nvis[:, None, None]
+                    idx = topk_indices(scores, vis, k)
+                idx = idx[:, 0]  # [B, K]
+                keys = [torch.cat((ring, cache.comp.gather(idx.clamp(min=0))), dim=1)]
+                allowed = [torch.cat((allowed[0], idx >= 0), dim=1)]
             else:
                 keys.append(cache.comp.read(n))
-                allowed.append(vis)
+                allowed.append(torch.arange(n, device=x.device)[None] < nvis[:, None])
         return [(k, a[:, None]) for k, a in zip(keys, allowed, strict=True)]

@@ -16,7 +16,8 @@ rows it packed), so a decode step reads the cache without unpacking it in full. 
 stay the cache's source of truth and its only accounted memory (``nbytes``): the mirror is
 scratch working memory, like activations, and holds exactly ``decode(data)`` at all times
 (dequantisation is elementwise, so decoding one row alone gives the same values). ``mirror=False``
-reads by unpacking the stored bytes on every read, in c/4x less memory than the mirror.
+reads by unpacking the stored bytes on every read, in c/4x less memory than the mirror. With
+``attn_impl="cpu"`` the indexer keys keep no mirror: that decode scores their stored bytes.
 """
 
 from __future__ import annotations
@@ -128,7 +129,9 @@ class LayerCache:
             self.states += [self.kv_state, self.sc_state]
             if kind == "csa":
                 ic = cfg.index_head_dim
-                self.index = EntryStore(lay, "index", batch, n, device, mirror)
+                # attn_impl "cpu" scores the stored keys in place: no fp32 copy to keep
+                index_mirror = mirror and cfg.attn_impl != "cpu"
+                self.index = EntryStore(lay, "index", batch, n, device, index_mirror)
                 self.ikv_state = torch.zeros(batch, slots, 2 * ic, device=device)
                 self.isc_state = torch.full((batch, slots, 2 * ic), float("-inf"), device=device)
                 self.states += [self.ikv_state, self.isc_state]

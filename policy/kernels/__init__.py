@@ -138,8 +138,9 @@ def sources_attention(
         return torch.cat(parts, dim=1)
     qf, sink = operand(q, bf16), f32(sink)
     kvfs = [operand(kv, bf16) for kv, _ in sources]
+    qrows = qf.flatten(1, 2)  # [B, S*H, c]: matmul, not einsum (its parsing costs per call)
     logits = [
-        (torch.einsum("bshc,bnc->bshn", qf, kvf) * scale).masked_fill(
+        (torch.matmul(qrows, kvf.transpose(1, 2)).unflatten(1, (s, h)) * scale).masked_fill(
             ~allowed[:, :, None, :], float("-inf")
         )
         for kvf, (_, allowed) in zip(kvfs, sources, strict=True)
@@ -153,7 +154,7 @@ def sources_attention(
     o = None
     for p, kvf in zip(ps, kvfs, strict=True):
         denom = denom + p.sum(dim=-1)
-        part = torch.einsum("bshn,bnc->bshc", operand(p, bf16), kvf)
+        part = torch.matmul(operand(p, bf16).flatten(1, 2), kvf).unflatten(1, (s, h))
         o = part if o is None else o + part
     return as_dtype(o / denom[..., None], q.dtype)
 

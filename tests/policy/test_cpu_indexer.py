@@ -180,7 +180,12 @@ def test_csa_decode_equals_torch(kv_dtype):
     with torch.no_grad():
         cache = LayerCache(cfg, layer_id, 2, 40, "cpu")
         ref(x, torch.arange(13).expand(2, 13), cache, lengths)
-        caches = [cache, copy.deepcopy(cache)]
+        own = LayerCache(fast.cfg, layer_id, 2, 40, "cpu")  # its own cache: no index mirror
+        fast(x, torch.arange(13).expand(2, 13), own, lengths)
+        assert own.index.mirror is None and (
+            kv_dtype == "float32" or cache.index.mirror is not None
+        )
+        caches = [cache, own]
         p = lengths.clone()
         for _ in range(12):
             xt = torch.randn(2, 1, cfg.hidden_size)

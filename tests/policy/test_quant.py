@@ -17,6 +17,7 @@ import torch
 
 from policy.quant import (
     E2M1_VALUES,
+    FP4_AMAX_FLOOR,
     FP8_DTYPE,
     SCALE_DTYPE,
     dequantize_fp4,
@@ -198,6 +199,31 @@ def test_fp4_random_nearest_grid_point() -> None:
     assert bool(((y - x).abs() <= x.abs() / 4 + sc / 4).all())
     rel = (y - x).norm() / x.norm()
     assert rel < 0.15, rel  # typically ~0.10 for Gaussian blocks of 32
+
+
+@pytest.mark.parametrize("rows", [4, 200])  # the bucketize path and the per-midpoint one
+@pytest.mark.parametrize("floor", [0.0, FP4_AMAX_FLOOR])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fake_quant_fp4_is_the_round_trip_bit_for_bit(rows, floor, dtype) -> None:
+    # wide magnitudes (scales at both ends of ue8m0, subnormal results), exact midpoints of
+    # every block scale, signed zeros, infinities and a NaN block
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 64, generator=g) * torch.exp2(
+        torch.randint(-140, 130, (rows, 1), generator=g)
+    )
+    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0])
+    x[0, :16] = torch.cat((mids, -mids))
+    x[1, :4] = torch.tensor([0.0, -0.0, INF, -INF])
+    x[2, 33] = NAN
+    x = x.to(dtype)
+    p, s = quantize_fp4(x, 32, amax_floor=floor)
+    want = dequantize_fp4(p, s, 32, dtype)
+    got = fake_quant_fp4(x, 32, amax_floor=floor)
+    assert got.dtype == dtype
+    assert torch.equal(
+        got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+        want.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+    )
 
 
 def test_fake_quant_fp4_straight_through_gradient() -> None:

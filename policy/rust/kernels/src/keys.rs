@@ -54,19 +54,21 @@ pub mod avx2 {
     /// nibbles looked up with one byte shuffle each and widened to fp32.
     ///
     /// # Safety
-    /// AVX2 present; `entry` holds dim / 2 + dim / block bytes; `out` holds dim floats.
+    /// AVX2 present; blocks = dim / block (passed: no division per entry); `entry` holds
+    /// dim / 2 + blocks bytes; `out` holds dim floats.
     #[target_feature(enable = "avx2")]
     pub unsafe fn decode_fp4(
         entry: *const u8,
         dim: usize,
         block: usize,
+        blocks: usize,
         scales: &[f32; 256],
         out: *mut f32,
     ) {
         let lut = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
         let nibble = _mm_set1_epi8(0x0f);
         let per_block = block / 32; // 32-code chunks per scale (no division in the loop)
-        for (blk, &sb) in std::slice::from_raw_parts(entry.add(dim / 2), dim / block)
+        for (blk, &sb) in std::slice::from_raw_parts(entry.add(dim / 2), blocks)
             .iter()
             .enumerate()
         {

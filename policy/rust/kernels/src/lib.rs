@@ -140,6 +140,7 @@ unsafe fn run(a: &IndexerArgs) {
 struct Kernels {
     dim: usize,
     block: usize,
+    blocks: usize,
     scales: [f32; 256],
     vector_dots: bool,
     vector_decode: bool,
@@ -156,6 +157,7 @@ impl Kernels {
         Kernels {
             dim,
             block,
+            blocks: dim.checked_div(block).unwrap_or(0),
             scales,
             vector_dots: vector,
             vector_decode,
@@ -171,6 +173,7 @@ impl Kernels {
                     entry.as_ptr(),
                     self.dim,
                     self.block,
+                    self.blocks,
                     &self.scales,
                     out.as_mut_ptr(),
                 )

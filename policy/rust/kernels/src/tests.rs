@@ -52,7 +52,16 @@ fn vector_decode_and_dots_equal_the_portable_ones() {
         }
         let (mut a, mut b) = (vec![0f32; dim], vec![0f32; dim]);
         decode_fp4(&entry, dim, block, &scales, &mut a);
-        unsafe { keys::avx2::decode_fp4(entry.as_ptr(), dim, block, &scales, b.as_mut_ptr()) };
+        unsafe {
+            keys::avx2::decode_fp4(
+                entry.as_ptr(),
+                dim,
+                block,
+                dim / block,
+                &scales,
+                b.as_mut_ptr(),
+            )
+        };
         assert_eq!(a, b, "dim {dim} block {block}");
         for heads in [1, 3, 4, 7] {
             let q: Vec<f32> = bytes(heads * dim, 7)
