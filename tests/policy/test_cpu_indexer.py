@@ -26,6 +26,7 @@ from policy.kernels.cpu_indexer import cpu_indexer_topk
 from policy.kernels.triton_indexer import indexer_topk_torch
 from policy.kv_cache import LayerCache
 from policy.kv_layout import KVLayout
+from policy.quant import fake_quant_fp4
 
 CFG = V4Config.from_preset("tiny")  # indexer dim 128, MXFP4 block 32
 LAYOUT = KVLayout.from_config(CFG)
@@ -37,12 +38,15 @@ def _visible(nvis, n):
 
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("heads", [3, 4, 9])  # tails of the four-head vector path, and none
-def test_scores_and_topk_equal_the_reference(packed, heads):
+@pytest.mark.parametrize("fp4_queries", [False, True])  # FP4-rounded, as the model's are
+def test_scores_and_topk_equal_the_reference(packed, heads, fp4_queries):
     # odd N; rows with 0 (padded query), 3 (fewer than k), 16 and all 33 visible entries, odd
     # and even counts (the kernel scores entries in pairs)
     g = torch.Generator().manual_seed(heads)
     b, s, c, n, k = 2, 2, 128, 33, 5
     q = torch.randn(b, s, heads, c, generator=g)
+    if fp4_queries:  # as the indexer's queries are (policy.compressor.quantize_index)
+        q = fake_quant_fp4(q, 32)
     w = torch.randn(b, s, heads, generator=g)
     keys = torch.randn(b, n, c, generator=g)
     nvis = torch.tensor([[0, 3], [16, 33]])
@@ -70,6 +74,7 @@ def test_packed_keys_read_in_place_from_a_cache_slice(block):
     b, s, h, c, cap, n, k = 3, 1, 4, 128, 50, 41, 7
     stored = layout.pack_index(torch.randn(b, cap, c, generator=g) * 3)
     q = torch.randn(b, s, h, c, generator=g)
+    q[1] = fake_quant_fp4(q[1], 32)  # one row rounded as the model's queries are
     w = torch.rand(b, s, h, generator=g)
     nvis = torch.tensor([[41], [40], [2]])
     view = stored[:, :n]
