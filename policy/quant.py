@@ -388,32 +388,34 @@ def fake_quant_fp4(
     """dequantize_fp4(quantize_fp4(x)) in x's dtype [..., D], bit for bit; straight-through
     gradient.
 
-    Computed without the codes: each value is rounded to its e2m1 magnitude (the same midpoint
-    count as ``_e2m1_codes``) with x's sign, times the block scale; a block holding a NaN is all
-    NaN (its scale is ue8m0's NaN). Dividing by the power-of-two scale rounds exactly as
-    multiplying by its reciprocal does, so the rounded values are those of ``quantize_fp4``.
-    About half the tensor ops of the round trip: the indexer rounds its queries with it on
-    every decode step.
+    Small tensors (the indexer's queries at every decode step) skip the codes: each value is
+    rounded to its e2m1 magnitude (``_e2m1_codes``'s midpoint count, one ``bucketize``) with
+    x's sign, times the block scale, and a block holding a NaN is all NaN (its scale is
+    ue8m0's NaN). Dividing by the power-of-two scale rounds exactly as multiplying by its
+    reciprocal does. About half the tensor ops of the round trip, which large tensors keep
+    (there its byte-sized passes are cheaper than the direct path's gathers).
     """
     with torch.no_grad():
         xd = x.detach()
-        _check_float(xd, "x")
-        _check_block(xd, block)
-        d = xd.shape[-1]
-        xb = xd.to(torch.float32).reshape(*xd.shape[:-1], d // block, block)
-        scale = _exp2_exact(_block_exponent(_floored_amax(xb, amax_floor), FP4_MAX)).unsqueeze(-1)
-        y = xb / scale
-        a = y.abs().nan_to_num(nan=0.0)
-        if a.numel() <= BUCKETIZE_MAX_NUMEL:
-            mag = torch.bucketize(a, _e2m1_bounds(y.device))
-        else:  # the same count, one comparison per midpoint
-            mag = torch.zeros(y.shape, dtype=torch.int64, device=y.device)
-            for i, m in enumerate(_E2M1_MIDPOINTS):
-                mag += (a >= m) if i % 2 == 1 else (a > m)
-        fq = torch.copysign(_e2m1_lut(y.device)[mag], y) * scale
-        fq = torch.where(xb.isnan().any(dim=-1, keepdim=True), float("nan"), fq)
-        fq = fq.reshape(xd.shape).to(x.dtype)
+        if xd.numel() > BUCKETIZE_MAX_NUMEL:
+            p, s = quantize_fp4(xd, block, amax_floor=amax_floor)
+            fq = dequantize_fp4(p, s, block, x.dtype)
+        else:
+            fq = _fp4_round_small(xd, block, amax_floor).to(x.dtype)
     return _StraightThrough.apply(x, fq) if x.requires_grad else fq
+
+
+def _fp4_round_small(x: torch.Tensor, block: int, amax_floor: float) -> torch.Tensor:
+    """The direct path of ``fake_quant_fp4`` -> fp32 [..., D]."""
+    _check_float(x, "x")
+    _check_block(x, block)
+    d = x.shape[-1]
+    xb = x.to(torch.float32).reshape(*x.shape[:-1], d // block, block)
+    scale = _exp2_exact(_block_exponent(_floored_amax(xb, amax_floor), FP4_MAX)).unsqueeze(-1)
+    y = xb / scale
+    mag = torch.bucketize(y.abs().nan_to_num(nan=0.0), _e2m1_bounds(y.device))
+    scale = torch.where(xb.isnan().any(dim=-1, keepdim=True), float("nan"), scale)
+    return (torch.copysign(_e2m1_lut(y.device)[mag], y) * scale).reshape(x.shape)
 
 
 # --------------------------------------------------------------------------------------------
