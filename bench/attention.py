@@ -1,19 +1,22 @@
 """Attention cost of one decode step against context length: CSA and HCA layers vs dense attention.
 
 CPU table: one layer of the ``demo`` preset (H = 4 heads of c = 128, window W = 32; CSA m = 4,
-indexer 4 heads x 128, top-k 16; HCA m' = 32), FP8 KV cache, random weights, one sequence
-whose cache holds n = 8K / 32K / 128K tokens (ring, compressed entries and indexer keys filled
-with random entries; filling is not timed). Measured per step, minimum over ``--repeats`` calls
-after a warm-up:
+indexer 4 heads x 128, top-k 16; HCA m' = 32), FP8 KV cache, random weights, ``--batch`` rows
+(1 and 8 by default) whose caches each hold n = 8K / 32K / 128K tokens (ring, compressed
+entries and indexer keys filled with random entries; filling is not timed), plus one row at
+``flash`` widths. Measured per step, minimum over ``--repeats`` rounds after a warm-up:
 
-- dense: one query against all n keys with the sink, the fastest of the project's dense core
-  (``policy.kernels.sparse_attention``, all keys allowed) and a plain two-matmul version; the
-  keys are an fp32 [n, c] tensor, the format the V4 decode reads (the cache's decode mirror).
+- dense: one query per row against all n keys with the sink, the faster of the project's
+  dense core (``policy.kernels.sparse_attention``, all keys allowed) and a plain two-matmul
+  version; the keys are an fp32 [n, c] tensor per row, the format the V4 decode reads (the
+  cache's decode mirror).
 - CSA / HCA attention: what the layer's cached decode runs after its projections
-  (``Attention._decode_sources`` + ``sources_attention``, attn_impl "torch", the default CPU
-  path): ring write, compressor step(s), indexer queries + scores over the n/m indexer keys +
-  top-k (CSA), gathering the chosen entries (CSA; HCA reads all visible ones in place), one
-  softmax with the sink over the ring and the entries.
+  (``Attention._decode_sources`` + ``sources_attention``) on the fastest CPU path: ring write,
+  compressor step(s), indexer queries, the indexer's scores over the n/m stored keys fused with
+  the top-k (CSA: attn_impl "cpu", the native kernel of ``policy.kernels.cpu_indexer``),
+  gathering the chosen entries (CSA; HCA reads all visible ones in place), one softmax with
+  the sink. "CSA, torch indexer" is the same step with attn_impl "torch" (torch matmuls over
+  the fp32 mirror of the indexer keys, then ``topk``).
 - CSA / HCA layer: the whole ``Attention.forward`` decode step (projections included).
 - peak: the step's peak memory above the process before it (VmHWM reset through
   /proc/self/clear_refs, malloc's mmap threshold fixed at 64 KiB so every temporary above it is
@@ -21,16 +24,18 @@ after a warm-up:
 
 Times are CPU seconds of the calling thread (``time.thread_time``) with one torch thread, so
 all the work of a step runs on that thread and the figure leaves out the time the process
-waits for a core on a shared machine (wall-clock minima on the 2-core machine shared with
-other jobs were off by up to 30x). Each context runs in its own child process. The Triton
-kernels are not timed here: on a CPU they only run under the interpreter (~0.2 s per launch).
+waits for a core on a shared machine. Each round runs every step in turn (twice, timing the
+second call, so its caches are warm from the first), so all of them go through the same slow
+and fast spells of the machine. Each context runs in its own child
+process. The Triton kernels are not timed here: on a CPU they only run under the interpreter
+(~0.2 s per launch).
 
 Analytic table: per-token attention FLOPs at 1M tokens of ``flash`` and ``pro`` against
 DeepSeek-V3.2, with the accounting of V4_SPEC.md §8.3 from the configs (activated parameters
 counted on a meta-device model), next to the published 10% / 27%.
 
-Run: ``python bench/attention.py [--contexts 8 32 128] [--repeats 20] [--flash-widths 32 128]``
-(about 2 minutes). Writes bench/results/attention.json.
+Run: ``python bench/attention.py [--contexts 8 32 128] [--batch 1 8] [--repeats 20]
+[--flash-widths 32 128]`` (about 3 minutes). Writes bench/results/attention.json.
 """
 
 from __future__ import annotations
@@ -57,22 +62,31 @@ def _status_bytes(key: str) -> int:
     return int(re.search(rf"{key}:\s+(\d+)", text).group(1)) * 1024
 
 
-def _timed(fn, repeats: int) -> tuple[float, float]:
-    """(minimum CPU seconds of the calling thread over ``repeats`` calls after 3 warm-up calls,
-    peak bytes of one call). With one torch thread all the work runs on this thread, so its CPU
-    time does not count the time the process waits for a core on a shared machine."""
+def _peak(fn) -> float:
+    """Peak bytes of one call of ``fn`` (after 3 warm-up calls) above the process before it."""
     for _ in range(3):
         fn()
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM)
     before = _status_bytes("VmRSS")
     fn()
-    peak = max(0, _status_bytes("VmHWM") - before)
-    best = float("inf")
+    return max(0, _status_bytes("VmHWM") - before)
+
+
+def _timed_together(fns: dict, repeats: int) -> dict[str, float]:
+    """Minimum CPU seconds of the calling thread per function over ``repeats`` rounds, each
+    round calling every function in turn, twice, and timing the second call (its caches warm
+    from the first, not from whatever ran before). With one torch thread all the work runs on
+    this thread, so its CPU time does not count the time the process waits for a core on a
+    shared machine; interleaving puts every function through the same slow and fast spells of
+    the machine, so the ratios of one run compare like with like."""
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeats):
-        t0 = time.thread_time()
-        fn()
-        best = min(best, time.thread_time() - t0)
-    return best, peak
+        for name, fn in fns.items():
+            fn()
+            t0 = time.thread_time()
+            fn()
+            best[name] = min(best[name], time.thread_time() - t0)
+    return best
 
 
 def _layer(cfg, kind: str):
@@ -132,9 +146,9 @@ def _dense_lean(q, keys, sink, scale):
     return torch.bmm(p.transpose(1, 2), keys) / denom[..., None]
 
 
-def _dense(n: int, h: int, c: int, repeats: int, batch: int) -> dict:
-    """The dense baseline at n keys per row: the faster of the project's core and the lean
-    version."""
+def _dense(n: int, h: int, c: int, batch: int) -> dict:
+    """The dense baseline at n keys per row, two ways: the project's core and a lean version
+    (the report takes the faster)."""
     import torch
 
     from policy.kernels import sparse_attention
@@ -142,29 +156,24 @@ def _dense(n: int, h: int, c: int, repeats: int, batch: int) -> dict:
     keys, q, sink = torch.randn(batch, n, c), torch.randn(batch, h, c), torch.zeros(h)
     allowed = torch.ones(batch, 1, n, dtype=torch.bool)
     scale = c**-0.5
-    t_core, m_core = _timed(
-        lambda: sparse_attention(q[:, None], keys, allowed, sink, scale), repeats
-    )
-    t_lean, m_lean = _timed(lambda: _dense_lean(q, keys, sink, scale), repeats)
-    best = min((t_core, m_core), (t_lean, m_lean))
     return {
-        "dense_core_ms": 1e3 * t_core,
-        "dense_lean_ms": 1e3 * t_lean,
-        "dense_ms": 1e3 * best[0],
-        "dense_peak_mib": best[1] / 2**20,
+        "dense_core": lambda: sparse_attention(q[:, None], keys, allowed, sink, scale),
+        "dense_lean": lambda: _dense_lean(q, keys, sink, scale),
     }
 
 
-def _compressed(cfg, kind: str, n: int, repeats: int, batch: int) -> dict:
-    """Decode-step attention and whole-layer times of one ``kind`` layer at n cached tokens per
-    row. CSA runs with attn_impl "cpu" (the fastest CPU path: the native indexer kernel on the
-    stored keys) and, for comparison, "torch" (the indexer as torch ops on the fp32 mirror)."""
+def _compressed(cfg, kind: str, n: int, batch: int) -> dict:
+    """The decode-step attention and whole-layer steps of one ``kind`` layer at n cached tokens
+    per row. CSA runs with attn_impl "cpu" (the fastest CPU path: the native indexer kernel on
+    the stored keys) and, for comparison, "torch" (the indexer as torch ops on the fp32 mirror
+    a "torch" cache keeps, added to this cache)."""
     import torch
 
     from policy.kernels import sources_attention
     from policy.rope import apply_rope, rope_tables
 
-    attn = _layer(cfg.replace(attn_impl="cpu") if kind == "csa" else cfg, kind)
+    impl = "cpu" if kind == "csa" else cfg.attn_impl
+    attn = _layer(cfg.replace(attn_impl=impl), kind)
     cache = _filled_cache(attn, n, batch)
     x = torch.randn(batch, 1, cfg.hidden_size)
     pos = torch.full((batch, 1), n)
@@ -172,27 +181,22 @@ def _compressed(cfg, kind: str, n: int, repeats: int, batch: int) -> dict:
     kv = apply_rope(attn.kv_norm(attn.wkv(x)), pos, attn.inv_freq, tables=rope)
     qr, q = attn._queries(x, pos, rope)
 
-    def step():  # everything the decode runs between its projections
+    fast, torch_cfg = attn.cfg, cfg.replace(attn_impl="torch")
+
+    def step(use=fast):  # everything the decode runs between its projections
+        attn.cfg = use
         sources = attn._decode_sources(x, qr, kv, pos, cache, rope)
         return sources_attention(q, sources, attn.attn_sink, attn.softmax_scale)
 
-    t_att, m_att = _timed(step, repeats)
-    t_lay, m_lay = _timed(lambda: attn(x, pos, cache), repeats)
-    n_comp = n // attn.ratio
-    extra = {}
-    if kind == "csa":  # the torch indexer reads the fp32 mirror a "torch" cache keeps
-        attn.cfg = cfg.replace(attn_impl="torch")
+    def layer():  # the whole decode step of the layer
+        attn.cfg = fast
+        return attn(x, pos, cache)
+
+    fns = {f"{kind}_attn": step, f"{kind}_layer": layer}
+    if kind == "csa":
         cache.index.mirror = cache.index.decode(cache.index.data)
-        extra["csa_torch_attn_ms"] = 1e3 * _timed(step, repeats)[0]
-    return {
-        **extra,
-        f"{kind}_attn_ms": 1e3 * t_att,
-        f"{kind}_attn_peak_mib": m_att / 2**20,
-        f"{kind}_layer_ms": 1e3 * t_lay,
-        f"{kind}_layer_peak_mib": m_lay / 2**20,
-        f"{kind}_keys": cfg.sliding_window
-        + (min(cfg.index_topk, n_comp) if kind == "csa" else n_comp),
-    }
+        fns["csa_torch_attn"] = lambda: step(torch_cfg)
+    return fns
 
 
 def child(n: int, repeats: int, preset: str, batch: int) -> dict:
@@ -205,9 +209,17 @@ def child(n: int, repeats: int, preset: str, batch: int) -> dict:
     cfg = V4Config.from_preset(preset, max_position_embeddings=n + 64, dtype="float32")
     out: dict = {"tokens": n, "preset": preset, "batch": batch}
     with torch.inference_mode():
-        out.update(_dense(n, cfg.num_attention_heads, cfg.head_dim, repeats, batch))
+        fns = _dense(n, cfg.num_attention_heads, cfg.head_dim, batch)
         for kind in ("csa", "hca"):
-            out.update(_compressed(cfg, kind, n, repeats, batch))
+            fns.update(_compressed(cfg, kind, n, batch))
+        peaks = {name: _peak(fn) / 2**20 for name, fn in fns.items()}
+        best = _timed_together(fns, repeats)
+    for name, t in best.items():
+        out[f"{name}_ms"] = 1e3 * t
+        out[f"{name}_peak_mib"] = peaks[name]
+    lean = best["dense_lean"] <= best["dense_core"]
+    out["dense_ms"] = out["dense_lean_ms" if lean else "dense_core_ms"]
+    out["dense_peak_mib"] = peaks["dense_lean" if lean else "dense_core"]
     return out
 
 

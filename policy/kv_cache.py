@@ -74,10 +74,14 @@ class EntryStore:
     def write(self, rows: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
         """data[rows[i], slots[i]] = encode(x[i]). rows, slots [M] int, x [M, c]."""
         if rows.numel():
-            enc = self.encode(x)
+            if self.mirror is not None and self.kind == "main":  # values from the same rounding
+                enc, values = self.layout.pack_main_values(x.float())
+            else:
+                enc = self.encode(x)
+                values = None if self.mirror is None else self.decode(enc)
             self.data[rows, slots] = enc
             if self.mirror is not None:
-                self.mirror[rows, slots] = self.decode(enc)
+                self.mirror[rows, slots] = values
 
     def read(self, n: int) -> torch.Tensor:
         """The first n entries of every row, fp32 [B, n, c] (with the mirror: a view of it,

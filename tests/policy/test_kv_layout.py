@@ -119,6 +119,20 @@ def test_pack_main_round_trip_equals_fake_quant() -> None:
     )
 
 
+def test_pack_main_values_are_the_unpacked_bytes() -> None:
+    # the values written beside the bytes (the cache's decode mirror) are unpack_main of them,
+    # bit for bit, over wide magnitudes, signed zeros, a NaN and an infinity
+    lay = KVLayout.from_config(spec_config("flash"))
+    torch.manual_seed(3)
+    kv = torch.randn(5, 7, lay.head_dim) * torch.exp2(torch.randint(-30, 30, (5, 7, 1)).float())
+    kv[0, 0, :3] = torch.tensor([0.0, -0.0, float("nan")])
+    kv[0, 1, 5] = float("inf")
+    packed, values = lay.pack_main_values(kv)
+    assert torch.equal(packed, lay.pack_main(kv))
+    want = lay.unpack_main(packed)
+    assert torch.equal(values.view(torch.int32), want.view(torch.int32))
+
+
 def test_pack_index_round_trip() -> None:
     torch.manual_seed(1)
     k = torch.randn(7, 128)
