@@ -74,6 +74,28 @@ def index_scores(
         return torch.matmul(w.float().unsqueeze(-2), logits).squeeze(-2)
 
 
+def check_kernel_args(
+    q: torch.Tensor,
+    w: torch.Tensor,
+    keys: torch.Tensor,
+    nvis: torch.Tensor,
+    packed_block: int | None,
+) -> None:
+    """The shapes a fused indexer kernel takes (``triton_indexer_topk``, ``cpu_indexer_topk``):
+    q [B, S, h, c], w [B, S, h], nvis [B, S] and keys [B, N, c], or [B, N, c / 2 + c /
+    packed_block] uint8 MXFP4 rows when ``packed_block`` is set. Raises ValueError naming the
+    value that does not fit."""
+    b, s, h, c = q.shape
+    packed = packed_block is not None
+    want = c // 2 + c // packed_block if packed else c
+    if keys.dim() != 3 or keys.shape[0] != b or keys.shape[2] != want:
+        raise ValueError(f"keys shape {tuple(keys.shape)} does not fit q {tuple(q.shape)}")
+    if packed and keys.dtype != torch.uint8:
+        raise ValueError(f"packed keys must be uint8, got {keys.dtype}")
+    if w.shape != (b, s, h) or nvis.shape != (b, s):
+        raise ValueError(f"w {tuple(w.shape)} / nvis {tuple(nvis.shape)} do not fit q")
+
+
 def topk_indices(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:
     """Top-k visible entries: scores, visible [B, S, N] -> indices [B, S, min(k, N)], -1 = none.
 

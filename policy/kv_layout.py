@@ -219,12 +219,17 @@ class KVLayout:
         Nope dims are quantised (FP8 e4m3, one ue8m0 scale per ``scale_block``); RoPE dims are
         rounded to BF16.
         """
-        return self.pack_main_values(kv)[0]
+        return self._pack_main(kv)[0]
 
     def pack_main_values(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``pack_main`` and the fp32 values the entries hold, ``unpack_main`` of them bit for
         bit, from the same rounding (no second pass over the bytes: the cache's decode mirror
         is written with every entry)."""
+        packed, q, s, rope16 = self._pack_main(kv)
+        return packed, torch.cat((dequantize_fp8(q, s, self.scale_block), rope16.float()), dim=-1)
+
+    def _pack_main(self, kv: torch.Tensor):
+        """-> (entries, FP8 nope values, their scales, BF16 RoPE dims)."""
         self._need_fp8("pack_main")
         if kv.shape[-1] != self.head_dim:
             raise ValueError(f"kv last dim {kv.shape[-1]} != head_dim {self.head_dim}")
@@ -234,8 +239,7 @@ class KVLayout:
         pad = self.main_entry_bytes - self.nope_dims - rope.shape[-1] - s.shape[-1]
         zeros = torch.zeros(*kv.shape[:-1], pad, dtype=torch.uint8, device=kv.device)
         packed = torch.cat((q.view(torch.uint8), rope, s.view(torch.uint8), zeros), dim=-1)
-        values = torch.cat((dequantize_fp8(q, s, self.scale_block), rope16.float()), dim=-1)
-        return packed, values
+        return packed, q, s, rope16
 
     def unpack_main(self, buf: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Entries uint8 [..., main_entry_bytes] -> kv [..., head_dim] in ``dtype``."""

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from policy.indexer import check_kernel_args
+
 LIBRARY = Path(__file__).with_name("_v4cpu.so")
 
 
@@ -60,11 +62,6 @@ def _library() -> ctypes.CDLL:
     return lib
 
 
-def available() -> bool:
-    """Whether the library is built (``make build``)."""
-    return LIBRARY.exists()
-
-
 def cpu_indexer_topk(
     q: torch.Tensor,
     w: torch.Tensor,
@@ -99,14 +96,9 @@ def cpu_indexer_topk(
         raise ValueError(f"indexer head dim must be even, got {c}")
     if packed and (packed_block < 2 or packed_block % 2 or c % packed_block):
         raise ValueError(f"packed_block must be even and divide the head dim {c}: {packed_block}")
-    want = c // 2 + c // packed_block if packed else c
-    if keys.dim() != 3 or keys.shape[0] != b or keys.shape[2] != want:
-        raise ValueError(f"keys shape {tuple(keys.shape)} does not fit q {tuple(q.shape)}")
-    if keys.dtype != (torch.uint8 if packed else torch.float32):
-        kind = "packed keys must be uint8" if packed else "float keys must be float32"
-        raise ValueError(f"{kind}, got {keys.dtype}")
-    if w.shape != (b, s, h) or nvis.shape != (b, s):
-        raise ValueError(f"w {tuple(w.shape)} / nvis {tuple(nvis.shape)} do not fit q")
+    check_kernel_args(q, w, keys, nvis, packed_block)
+    if not packed and keys.dtype != torch.float32:
+        raise ValueError(f"float keys must be float32, got {keys.dtype}")
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
     kout = min(k, n)

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from policy.indexer import index_scores, topk_indices
+from policy.indexer import check_kernel_args, index_scores, topk_indices
 
 
 @triton.jit
@@ -162,13 +162,7 @@ def triton_indexer_topk(
     packed = packed_block is not None
     if c < 16 or c & (c - 1):
         raise ValueError(f"indexer head dim must be a power of two >= 16, got {c}")
-    want = c // 2 + c // packed_block if packed else c
-    if keys.dim() != 3 or keys.shape[0] != b or keys.shape[2] != want:
-        raise ValueError(f"keys shape {tuple(keys.shape)} does not fit q {tuple(q.shape)}")
-    if packed and keys.dtype != torch.uint8:
-        raise ValueError(f"packed keys must be uint8, got {keys.dtype}")
-    if w.shape != (b, s, h) or nvis.shape != (b, s):
-        raise ValueError(f"w {tuple(w.shape)} / nvis {tuple(nvis.shape)} do not fit q")
+    check_kernel_args(q, w, keys, nvis, packed_block)
     kout = min(k, n)
     out = torch.full((b, s, kout), -1, dtype=torch.int32, device=q.device)
     scores = torch.full((b, s, n), float("-inf"), device=q.device) if return_scores else out
@@ -205,7 +199,7 @@ def triton_indexer_topk(
             BLOCK_N=max(16, triton.next_power_of_2(kout)),
             PACKED=packed,
             QBLOCK=packed_block or 32,
-            E=want,
+            E=keys.shape[2],
             WRITE_SCORES=return_scores,
         )
     out = out.long()

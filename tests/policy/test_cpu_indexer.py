@@ -6,7 +6,8 @@ Tolerances:
   the summation order of the dots and of the heads differs from torch's matmuls). The top-k
   choice is checked exactly: against ``topk_indices`` on the kernel's own scores (the tie rule,
   bit for bit) and against the full torch reference where scores are exact in any order
-  (integer-valued inputs, all-equal scores) or have no near-ties.
+  or have no near-ties (the tie test with integer inputs and all-equal scores runs for both
+  kernels in test_kernels_compressed.py).
 - decode layer: 1e-5 absolute on the layer output and identical cache bytes afterwards (the
   same entries are chosen; only the indexer's summation order differs).
 """
@@ -18,7 +19,6 @@ import copy
 import pytest
 import torch
 
-from policy.attention import Attention
 from policy.config import V4Config
 from policy.indexer import index_scores, topk_indices
 from policy.kernels import cpu_indexer
@@ -27,6 +27,7 @@ from policy.kernels.triton_indexer import indexer_topk_torch
 from policy.kv_cache import LayerCache
 from policy.kv_layout import KVLayout
 from policy.quant import fake_quant_fp4
+from tests.policy.test_kv_cache import _attn_layer
 
 CFG = V4Config.from_preset("tiny")  # indexer dim 128, MXFP4 block 32
 LAYOUT = KVLayout.from_config(CFG)
@@ -87,28 +88,6 @@ def test_packed_keys_read_in_place_from_a_cache_slice(block):
     assert torch.equal(idx, indexer_topk_torch(q, w, keys, nvis, k))
 
 
-def test_ties_and_exact_scores():
-    # integer-valued q, keys and weights: every score is exact whatever the summation order, and
-    # equal scores abound (all-equal keys; scores clipped to 0 by the ReLU, +0 and -0 alike), so
-    # the kernel must follow the reference's tie rule (lower index first) exactly
-    g = torch.Generator().manual_seed(2)
-    b, s, h, c, n, k = 1, 3, 2, 128, 20, 17
-    q = torch.randint(-2, 3, (b, s, h, c), generator=g).float()
-    w = torch.randint(-2, 3, (b, s, h), generator=g).float()
-    keys = torch.randint(-1, 2, (b, n, c), generator=g).float()
-    keys[:, 5:12] = keys[:, 4:5]  # a run of equal keys
-    q[0, 1] = 0.0  # every score 0
-    w[0, 2] = -w[0, 2].abs() - 1  # negative weights: -0.0 from w * relu(0)
-    nvis = torch.tensor([[20, 20, 14]])
-    got = cpu_indexer_topk(q, w, keys, nvis, k)
-    assert torch.equal(got, indexer_topk_torch(q, w, keys, nvis, k))
-    assert torch.equal(got[0, 1], torch.arange(k))  # all equal: the lowest indices, in order
-    same = torch.ones(b, n, c)
-    assert torch.equal(
-        cpu_indexer_topk(q, w, same, nvis, 4), indexer_topk_torch(q, w, same, nvis, 4)
-    )
-
-
 def test_empty_and_k_larger_than_the_entries():
     q, w = torch.randn(2, 1, 4, 128), torch.rand(2, 1, 4)
     keys = torch.randn(2, 3, 128)
@@ -166,18 +145,8 @@ def test_config_accepts_cpu_and_keeps_official_numerics_on_torch():
 def test_csa_decode_equals_torch(kv_dtype):
     # padded batch: rows prefilled with 13 and 6 tokens, then decode steps that cross CSA block
     # (m = 4) and window boundaries; the tiny top-k is below the visible count
-    cfg = V4Config.from_preset("tiny", kv_dtype=kv_dtype)
-    layer_id = next(i for i in range(cfg.num_hidden_layers) if cfg.layer_kind(i) == "csa")
-    torch.manual_seed(0)
-    ref = Attention(cfg, layer_id)
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            elif name.endswith("ape") or name == "attn_sink":
-                p.normal_(0, 1.0)
-            else:
-                p.normal_(0, p.shape[-1] ** -0.5)
+    ref = _attn_layer("csa", kv_dtype)
+    cfg, layer_id = ref.cfg, ref.layer_id
     fast = copy.deepcopy(ref)
     fast.cfg = cfg.replace(attn_impl="cpu")
     x = torch.randn(2, 13, cfg.hidden_size)

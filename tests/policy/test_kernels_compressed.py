@@ -1,6 +1,7 @@
 """Compressed-attention kernels (policy.kernels.triton_indexer, triton_compressed_attn) under the
 Triton interpreter (TRITON_INTERPRET=1, set in conftest) against their torch references, and the
-decode step of CSA / HCA layers with attn_impl="triton" against the torch decode.
+decode step of CSA / HCA layers with attn_impl="triton" against the torch decode. The tie test
+also runs the CPU indexer (policy.kernels.cpu_indexer; its other tests: test_cpu_indexer.py).
 
 Tolerances:
 - indexer scores: 2e-5 absolute on scores of magnitude <= ~5 (fp32, only the summation order
@@ -33,6 +34,7 @@ import torch
 from policy.attention import Attention
 from policy.config import V4Config
 from policy.indexer import index_scores, topk_indices
+from policy.kernels.cpu_indexer import cpu_indexer_topk
 from policy.kernels.triton_compressed_attn import (
     Entries,
     compressed_attention_torch,
@@ -80,7 +82,8 @@ def test_indexer_scores_and_topk(packed):
     assert torch.equal(idx, indexer_topk_torch(q, w, keys, nvis, k))  # no near-ties here
 
 
-def test_indexer_ties_and_exact_scores():
+@pytest.mark.parametrize("kernel", [triton_indexer_topk, cpu_indexer_topk], ids=["triton", "cpu"])
+def test_indexer_ties_and_exact_scores(kernel):
     # integer-valued q, keys and weights: every score is exact whatever the summation order, and
     # equal scores abound (all-equal keys; scores clipped to 0 by the ReLU, +0 and -0 alike),
     # so the kernel must follow the reference's tie rule (lower index first) exactly
@@ -93,13 +96,11 @@ def test_indexer_ties_and_exact_scores():
     q[0, 1] = 0.0  # every score 0
     w[0, 2] = -w[0, 2].abs() - 1  # negative weights: -0.0 from w * relu(0)
     nvis = torch.tensor([[20, 20, 14]])
-    got = triton_indexer_topk(q, w, keys, nvis, k)
+    got = kernel(q, w, keys, nvis, k)
     assert torch.equal(got, indexer_topk_torch(q, w, keys, nvis, k))
     assert torch.equal(got[0, 1], torch.arange(k))  # all equal: the lowest indices, in order
     same = torch.ones(b, n, c)
-    assert torch.equal(
-        triton_indexer_topk(q, w, same, nvis, 4), indexer_topk_torch(q, w, same, nvis, 4)
-    )
+    assert torch.equal(kernel(q, w, same, nvis, 4), indexer_topk_torch(q, w, same, nvis, 4))
 
 
 def test_indexer_bad_inputs():
